@@ -1,0 +1,5 @@
+import sys
+
+from ar_lm.cli import main
+
+sys.exit(main())

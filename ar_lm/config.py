@@ -1,0 +1,359 @@
+"""Experiment configuration: small frozen dataclasses composed into one `ExperimentConfig`.
+
+An experiment file (``experiments/*.py``) defines ``config() -> ExperimentConfig``. Command-line
+overrides (``--set model.n_layers=8``) are parsed against the field types; unknown keys name the
+closest valid ones. The resolved config is written as JSON into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+from ar_lm.errors import UserError, require
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer. `family` picks the block recipe:
+
+    - ``gpt2``: LayerNorm, learned absolute positions, GELU MLP, biases.
+    - ``llama``: RMSNorm, rotary positions (RoPE), SwiGLU MLP, no biases.
+    """
+
+    family: str = "gpt2"  # gpt2 | llama
+    vocab_size: int = 0  # 0 -> the dataset's tokenizer vocabulary
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 -> n_heads (multi-head); 1 -> multi-query; else grouped-query
+    d_ff: int = 0  # 0 -> 4*d_model (gpt2) or 256-aligned 8/3*d_model (llama)
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (no HF equivalent for gpt2)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"  # auto -> float32 on CPU, bfloat16 on GPU/TPU
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots (save matmul outputs)
+    attention: str = "auto"  # auto | xla (hand-written masked softmax) | dot_product (jax.nn)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.family == "llama":
+            return 256 * ((8 * self.d_model // 3 + 255) // 256)
+        return 4 * self.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # dataset directory written by `ar-lm prepare`
+    seq_len: int = 128
+    batch_size: int = 16  # global batch, in sequences
+    shuffle_seed: int = 0
+    prefetch: int = 2  # batches prepared ahead on a background thread (0: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, linear warmup then cosine decay to `final_lr_frac * lr` at the last step."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 0  # 0 -> warmup_frac of the run
+    warmup_frac: float = 0.05
+    final_lr_frac: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # norms and biases are never decayed
+    clip_norm: float = 1.0  # 0 -> no clipping
+    grad_accum: int = 1  # micro-batches per step
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2) (PaLM)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100  # used when `tokens` is 0
+    tokens: int = 0  # token budget; steps = tokens // (batch_size * seq_len)
+    seed: int = 0
+    eval_every: int = 50  # 0 -> only at the end
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 50  # 0 -> only at the end
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = True
+    nonfinite_policy: str = "stop"  # stop | skip
+    max_skips: int = 3  # consecutive non-finite steps tolerated under `skip`
+    debug_nan_steps: tuple[int, ...] = ()  # fault injection: make the loss NaN at these steps
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh with axes (data, fsdp, tensor); one size may be -1 (the remaining devices).
+
+    `rules` names a logical-axis rule preset (see `ar_lm.sharding.RULE_PRESETS`); `rule_overrides`
+    adds entries such as ``"mlp=tensor"`` or ``"embed=fsdp+tensor"`` or ``"vocab="`` (replicated).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # across-slice (DCN) sizes for multi-slice TPU runs
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    devices: int = 0  # use the first N devices (0: all)
+    rules: str = "fsdp_tp"
+    rule_overrides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "ar_lm"
+    group: str = ""
+    tags: tuple[str, ...] = ()
+    peak_flops: float = 0.0  # per device, FLOP/s; 0 -> known accelerator table or a CPU measurement
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.tokens:
+            return max(1, self.train.tokens // (self.data.batch_size * self.data.seq_len))
+        return self.train.steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check the constraints that no single field type expresses; raise `UserError` if broken."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    require(m.family in ("gpt2", "llama"), f"model.family={m.family!r} is unknown: use 'gpt2' or 'llama'")
+    require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0: take it from the dataset), got {m.vocab_size}")
+    for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+        require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    require(m.n_kv_heads >= 0, f"model.n_kv_heads must be >= 0 (0 means n_heads), got {m.n_kv_heads}")
+    require(
+        m.d_model % m.n_heads == 0,
+        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick sizes that divide",
+    )
+    require(
+        m.n_heads % m.kv_heads == 0,
+        f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads}: use a divisor of n_heads",
+    )
+    require(m.family == "gpt2" or m.head_dim % 2 == 0, f"llama needs an even head_dim (RoPE), got {m.head_dim}")
+    require(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r} is unknown: use none, full or dots")
+    require(
+        m.attention in ("auto", "xla", "dot_product"),
+        f"model.attention={m.attention!r} is unknown: use auto, xla or dot_product",
+    )
+    for name in ("param_dtype", "compute_dtype"):
+        value = getattr(m, name)
+        allowed = ("float32", "bfloat16", "float16") + (("auto",) if name == "compute_dtype" else ())
+        require(value in allowed, f"model.{name}={value!r} is unknown: use one of {', '.join(allowed)}")
+    require(d.seq_len > 0 and d.batch_size > 0, "data.seq_len and data.batch_size must be positive")
+    require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len",
+    )
+    require(o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}")
+    require(
+        d.batch_size % o.grad_accum == 0,
+        f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}",
+    )
+    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    require(0 <= o.final_lr_frac <= 1, f"optim.final_lr_frac must lie in [0, 1], got {o.final_lr_frac}")
+    require(t.steps > 0 or t.tokens > 0, "train.steps or train.tokens must be positive")
+    require(
+        t.nonfinite_policy in ("stop", "skip"),
+        f"train.nonfinite_policy={t.nonfinite_policy!r} is unknown: use stop or skip",
+    )
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Dict conversion and overrides
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise UserError(_unknown_key_message(prefix + key, [prefix + n for n in names]))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            require(isinstance(value, dict), f"{prefix}{key} must be a section (mapping), got {value!r}")
+            kwargs[key] = from_dict(hint, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    return cls(**kwargs)
+
+
+def all_keys(cfg: ExperimentConfig) -> list[str]:
+    keys = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
+        else:
+            keys.append(section.name)
+    return keys
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "see README's config reference"
+    return f"unknown config key {key!r}: {hint}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert `value` (from JSON or a command-line string) to type `hint`, or raise UserError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or value == "None":
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        (elem, *_) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        require(isinstance(value, (list, tuple)), f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, elem, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{key} expects true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise UserError(f"{key} expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise UserError(f"{key} expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{key} expects a number, got {value!r}") from None
+    if hint is str:
+        require(isinstance(value, str), f"{key} expects a string, got {value!r}")
+        return value
+    raise UserError(f"{key} has unsupported type {hint}")  # pragma: no cover - config definition bug
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply ``section.field=value`` strings to `cfg` (type-checked) and validate the result."""
+    for item in overrides:
+        require("=" in item, f"override {item!r} is not of the form section.field=value (e.g. model.n_layers=8)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        valid = all_keys(cfg)
+        if key not in valid:
+            raise UserError(_unknown_key_message(key, valid))
+        if len(parts) == 1:
+            cfg = dataclasses.replace(cfg, **{key: _coerce(raw, typing.get_type_hints(type(cfg))[key], key)})
+            continue
+        section_name, field = parts
+        section = getattr(cfg, section_name)
+        hint = typing.get_type_hints(type(section))[field]
+        section = dataclasses.replace(section, **{field: _coerce(raw, hint, key)})
+        cfg = dataclasses.replace(cfg, **{section_name: section})
+    return cfg
+
+
+def load_json(path: Path) -> ExperimentConfig:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return from_dict(ExperimentConfig, data)
+
+
+def save_json(cfg: ExperimentConfig, path: Path) -> None:
+    from ar_lm.io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment files
+
+
+def load_experiment_module(path: str | Path) -> types.ModuleType:
+    """Import an experiment file (a Python file defining ``config()``)."""
+    path = Path(path)
+    require(path.is_file(), f"experiment file {path} does not exist: pass a path like experiments/tiny.py")
+    require(path.suffix == ".py", f"experiment file {path} is not a .py file")
+    name = f"ar_lm_experiment_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except UserError:
+        raise
+    except Exception as e:  # the user's file is broken: say where
+        raise UserError(f"experiment file {path} failed to load: {type(e).__name__}: {e}") from e
+    require(hasattr(module, "config"), f"experiment file {path} defines no config() function")
+    return module
+
+
+def load_experiment(path: str | Path, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    cfg = load_experiment_module(path).config()
+    require(isinstance(cfg, ExperimentConfig), f"config() in {path} must return an ExperimentConfig")
+    return validate(apply_overrides(cfg, overrides or []))

@@ -1,0 +1,211 @@
+"""Tokenizers: lossless sentencepiece (BPE/unigram), bytes, and characters with byte fallback.
+
+Every tokenizer round-trips any UTF-8 text exactly, and knows how many UTF-8 bytes each token
+stands for (`token_bytes`), so bits per byte is computed from the evaluated tokens themselves.
+Files are sentencepiece's own model proto or JSON: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ar_lm.errors import UserError
+
+KINDS = ("sentencepiece", "byte", "char")
+
+
+class ByteTokenizer:
+    """ids 0..255 are bytes; 256 is end-of-document."""
+
+    kind = "byte"
+    filename = "tokenizer.json"
+
+    def __init__(self):
+        self.vocab_size = 257
+        self.eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([1] * 256 + [0], np.int32)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / self.filename
+        path.write_text(json.dumps({"kind": "byte"}) + "\n")
+        return path
+
+
+class CharTokenizer:
+    """id 0 is end-of-document, 1..256 are byte fallbacks, then one id per known character."""
+
+    kind = "char"
+    filename = "tokenizer.json"
+
+    def __init__(self, chars: Sequence[str]):
+        self.chars = list(chars)
+        self.eos_id = 0
+        self.vocab_size = 257 + len(self.chars)
+        self._ids = {c: 257 + i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 0) -> "CharTokenizer":
+        counts: dict[str, int] = {}
+        for text in texts:
+            for c in text:
+                counts[c] = counts.get(c, 0) + 1
+        chars = sorted(counts, key=lambda c: (-counts[c], c))
+        if vocab_size:
+            chars = chars[: max(0, vocab_size - 257)]
+        return cls(sorted(chars))
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for c in text:
+            i = self._ids.get(c)
+            if i is None:
+                ids.extend(1 + b for b in c.encode("utf-8"))
+            else:
+                ids.append(i)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out, pending = [], bytearray()
+        for i in ids:
+            if 1 <= i <= 256:
+                pending.append(i - 1)
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending = bytearray()
+            if i >= 257:
+                out.append(self.chars[i - 257])
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([0] + [1] * 256 + [len(c.encode("utf-8")) for c in self.chars], np.int32)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / self.filename
+        path.write_text(json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=True) + "\n")
+        return path
+
+
+class SentencePieceTokenizer:
+    """sentencepiece with settings that make it lossless (byte fallback, identity normalisation,
+    whitespace kept as is, no dummy prefix, newline and tab as their own symbols)."""
+
+    kind = "sentencepiece"
+    filename = "tokenizer.model"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_chars: int = 20_000_000):
+        import sentencepiece as spm
+
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Path(tmp) / "corpus.txt"
+            total = 0
+            with open(corpus, "w", encoding="utf-8") as f:
+                for text in texts:
+                    # one line per sentence for the trainer; "\n" itself is a user symbol
+                    for line in text.splitlines():
+                        f.write(line + "\n")
+                        total += len(line) + 1
+                    if total >= max_chars:
+                        break
+            prefix = Path(tmp) / "sp"
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=str(corpus),
+                    model_prefix=str(prefix),
+                    vocab_size=vocab_size,
+                    model_type=model_type,
+                    byte_fallback=True,
+                    normalization_rule_name="identity",
+                    remove_extra_whitespaces=False,
+                    allow_whitespace_only_pieces=True,
+                    split_digits=True,
+                    add_dummy_prefix=False,
+                    user_defined_symbols=["\n", "\t"],
+                    character_coverage=0.9995,
+                    max_sentence_length=1 << 16,
+                    num_threads=2,
+                    minloglevel=2,
+                )
+            except RuntimeError as e:
+                raise UserError(f"sentencepiece training failed: {str(e).splitlines()[0]} (try a smaller --vocab-size)") from None
+            return cls((prefix.with_suffix(".model")).read_bytes())
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=2)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                out[i] = 1
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / self.filename
+        path.write_bytes(self.proto)
+        return path
+
+
+Tokenizer = ByteTokenizer | CharTokenizer | SentencePieceTokenizer
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int = 0, model_type: str = "bpe") -> Tokenizer:
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer.train(texts, vocab_size)
+    if kind == "sentencepiece":
+        if vocab_size <= 0:
+            raise UserError("--tokenizer sentencepiece needs --vocab-size N (e.g. 4096)")
+        return SentencePieceTokenizer.train(texts, vocab_size, model_type)
+    raise UserError(f"tokenizer {kind!r} is unknown: use one of {', '.join(KINDS)}")
+
+
+def load_tokenizer(directory: Path, kind: str) -> Tokenizer:
+    directory = Path(directory)
+    if kind == "sentencepiece":
+        path = directory / SentencePieceTokenizer.filename
+        if not path.is_file():
+            raise UserError(f"tokenizer file {path} is missing")
+        return SentencePieceTokenizer(path.read_bytes())
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"tokenizer file {path} is missing")
+    data = json.loads(path.read_text())
+    if data.get("kind") == "byte":
+        return ByteTokenizer()
+    if data.get("kind") == "char":
+        return CharTokenizer(data["chars"])
+    raise UserError(f"tokenizer file {path} holds unknown kind {data.get('kind')!r}")

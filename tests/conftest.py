@@ -1,0 +1,61 @@
+"""Test setup: 8 fake CPU devices (before the first JAX op), wandb off, small shared datasets."""
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import dataclasses  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ar_lm.config import DataConfig, ExperimentConfig, LoggingConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+
+
+def make_corpus(directory: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    """Small text files with structure a model can learn (no network, no ../shared)."""
+    rng = random.Random(seed)
+    words = "the cat dog sat on mat ran to a big red house and then slept in sun".split()
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(20, 40)):
+            lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) + ".")
+        (directory / f"doc_{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory, corpus_dir) -> Path:
+    from ar_lm.data import file_documents, write_dataset
+
+    out = tmp_path_factory.mktemp("data") / "byte"
+    write_dataset(out, file_documents([str(corpus_dir)]), "byte", val_fraction=0.1)
+    return out
+
+
+def tiny_config(data_path: Path | str = "", **sections) -> ExperimentConfig:
+    """A tiny single-device experiment; `sections` maps section name -> dict of field overrides."""
+    cfg = ExperimentConfig(
+        name="test",
+        model=ModelConfig(family="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
+        data=DataConfig(path=str(data_path), seq_len=32, batch_size=8, prefetch=0),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        train=TrainConfig(steps=20, eval_every=0, eval_batches=2, log_every=1, checkpoint_every=0, async_checkpoint=False),
+        mesh=MeshConfig(devices=1),
+        logging=LoggingConfig(wandb=False, progress=False),
+    )
+    for name, fields in sections.items():
+        cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
+    return cfg
