@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -152,7 +153,7 @@ def _start_wandb(run_dir: Path, config: dict, logging_cfg):
     import wandb
 
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     return wandb.init(
         project=logging_cfg.project,

@@ -148,6 +148,7 @@ class SentencePieceTokenizer:
                     character_coverage=0.9995,
                     max_sentence_length=1 << 16,
                     num_threads=2,
+                    hard_vocab_limit=False,  # small corpora: fewer pieces rather than an error
                     minloglevel=2,
                 )
             except RuntimeError as e:

@@ -136,7 +136,7 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
         poison = jnp.where(jnp.isin(state["step"] + 1, nan_steps), jnp.nan, 1.0)
         ce = ce * poison
         grads = jax.tree.map(lambda g: g * poison, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -185,27 +185,8 @@ def prepare_config(cfg: ExperimentConfig, dataset: TokenDataset) -> ExperimentCo
     return validate(cfg)
 
 
-def train(
-    cfg: ExperimentConfig,
-    run_dir: str | Path,
-    stop_after: Optional[int] = None,
-    stop_requested: Optional[Callable[[int], bool]] = None,
-) -> TrainResult:
-    """Train (or resume) `cfg` in `run_dir`. `stop_after` ends the loop early after that many
-    total steps (checkpointing there) without changing the schedule; `stop_requested(step)` is
-    polled after each step (preemption) and stops the same way."""
-    run_dir = Path(run_dir).absolute()
-    dataset = TokenDataset(cfg.data.path)
-    cfg = prepare_config(cfg, dataset)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with rundir.RunLock(run_dir):
-        if rundir.is_run_dir(run_dir):
-            rundir.check_resume_compatible(run_dir, cfg)
-        return _train_locked(cfg, run_dir, dataset, stop_after, stop_requested)
-
-
-def _train_locked(cfg, run_dir, dataset, stop_after, stop_requested) -> TrainResult:
-    t_start = time.time()
+def check_parallelism(cfg: ExperimentConfig):
+    """Build the mesh and rules, checking that the batch splits over the data-parallel size."""
     mesh = make_mesh(cfg.mesh)
     rules = logical_rules(cfg.mesh)
     dp = data_parallel_size(mesh, rules)
@@ -218,6 +199,32 @@ def _train_locked(cfg, run_dir, dataset, stop_after, stop_requested) -> TrainRes
         f"the micro-batch data.batch_size/optim.grad_accum={cfg.data.batch_size // cfg.optim.grad_accum} "
         f"is not divisible by the data-parallel size {dp}",
     )
+    return mesh, rules
+
+
+def train(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    stop_after: Optional[int] = None,
+    stop_requested: Optional[Callable[[int], bool]] = None,
+) -> TrainResult:
+    """Train (or resume) `cfg` in `run_dir`. `stop_after` ends the loop early after that many
+    total steps (checkpointing there) without changing the schedule; `stop_requested(step)` is
+    polled after each step (preemption) and stops the same way."""
+    run_dir = Path(run_dir).absolute()
+    dataset = TokenDataset(cfg.data.path)
+    cfg = prepare_config(cfg, dataset)
+    check_parallelism(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with rundir.RunLock(run_dir):
+        if rundir.is_run_dir(run_dir):
+            rundir.check_resume_compatible(run_dir, cfg)
+        return _train_locked(cfg, run_dir, dataset, stop_after, stop_requested)
+
+
+def _train_locked(cfg, run_dir, dataset, stop_after, stop_requested) -> TrainResult:
+    t_start = time.time()
+    mesh, rules = check_parallelism(cfg)
     total = cfg.total_steps
     tx, schedule = make_optimizer(cfg.optim, total)
     shardings = state_shardings(cfg, tx, mesh, rules)

@@ -1,0 +1,136 @@
+"""Datasets and grain pipelines: metadata, checksums, deterministic resumable batches."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ar_lm.data import TokenDataset, file_documents, split_documents, stdlib_documents, write_dataset
+from ar_lm.errors import UserError
+from ar_lm.pipeline import TrainIterator, WindowSource, eval_batches, train_dataset
+
+
+def test_metadata_counts_and_round_trip(byte_data, corpus_dir):
+    ds = TokenDataset(byte_data)
+    meta = json.loads((byte_data / "metadata.json").read_text())
+    total_bytes = sum(len(p.read_bytes()) for p in corpus_dir.iterdir())
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == total_bytes
+    for split in ("train", "val"):
+        tokens = np.concatenate(ds.shards(split))
+        assert tokens.size == meta["splits"][split]["tokens"]
+        n_eos = int((tokens == ds.eos_id).sum())
+        assert n_eos == meta["splits"][split]["documents"]
+
+
+def test_split_is_deterministic_and_order_independent(corpus_dir):
+    docs = file_documents([str(corpus_dir)])
+    a = split_documents(docs, 0.2)
+    b = split_documents(list(reversed(docs)), 0.2)
+    assert {d.name for d in a["val"]} == {d.name for d in b["val"]}
+    assert a["val"] and a["train"]
+
+
+def test_stdlib_source_is_real_python():
+    docs = stdlib_documents(200_000)
+    assert any(d.name == "abc.py" for d in docs) or len(docs) > 3
+    assert sum(len(d.text) for d in docs) >= 200_000 * 0.5
+
+
+def test_output_dir_not_overwritten(byte_data, corpus_dir):
+    before = (byte_data / "metadata.json").read_bytes()
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        write_dataset(byte_data, file_documents([str(corpus_dir)]), "byte")
+    assert (byte_data / "metadata.json").read_bytes() == before
+
+
+def test_corrupt_shard_is_named(tmp_path, corpus_dir):
+    out = tmp_path / "d"
+    write_dataset(out, file_documents([str(corpus_dir)]), "byte", val_fraction=0.1)
+    TokenDataset(out)  # verifies and caches
+    shard = out / "train_00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="train_00000.bin fails its checksum"):
+        TokenDataset(out)
+    shard.write_bytes(bytes(raw[:-10]))
+    with pytest.raises(UserError, match="train_00000.bin is truncated"):
+        TokenDataset(out)
+
+
+def test_bad_sources(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="hold no text"):
+        file_documents([str(empty)])
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(UserError, match="looks binary"):
+        file_documents([str(binary)])
+    with pytest.raises(UserError, match="matches no file"):
+        file_documents([str(tmp_path / "nothing*.txt")])
+    jl = tmp_path / "x.jsonl"
+    jl.write_text('{"text": "hello"}\n{"txt": 1}\n')
+    with pytest.raises(UserError, match="x.jsonl:2 has no string field 'text'"):
+        file_documents([str(jl)])
+
+
+def test_windows_cover_shards_without_crossing():
+    shards = [np.arange(0, 50), np.arange(100, 121)]
+    src = WindowSource(shards, seq_len=10)
+    assert len(src) == 4 + 2
+    np.testing.assert_array_equal(src[3], np.arange(30, 41))
+    np.testing.assert_array_equal(src[4], np.arange(100, 111))
+
+
+def test_grain_resume_yields_the_same_batches(byte_data):
+    ds = TokenDataset(byte_data)
+    make = lambda: TrainIterator(train_dataset(ds, 16, 4, seed=3), prefetch=2)  # noqa: E731
+    straight = make()
+    ref = [next(straight) for _ in range(12)]
+    first = make()
+    for _ in range(5):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    resumed = make()
+    resumed.set_state(state)
+    for i in range(5, 12):
+        np.testing.assert_array_equal(next(resumed), ref[i])
+
+
+def test_process_slices_union_is_the_global_batch(byte_data):
+    ds = TokenDataset(byte_data)
+    global_it = iter(train_dataset(ds, 16, 8, seed=1).to_iter_dataset())
+    local = [iter(train_dataset(ds, 16, 8, seed=1, process_index=p, process_count=4).to_iter_dataset()) for p in range(4)]
+    for _ in range(5):
+        g = next(global_it)
+        parts = [next(it) for it in local]
+        assert all(p.shape == (2, 17) for p in parts)
+        as_set = lambda a: sorted(map(tuple, a.tolist()))  # noqa: E731
+        assert as_set(np.concatenate(parts)) == as_set(g)
+
+
+def test_eval_batches_are_fixed(byte_data):
+    ds = TokenDataset(byte_data)
+    a = eval_batches(ds, 16, 4, 3)
+    b = eval_batches(ds, 16, 4, 3)
+    assert len(a) == 3 and all(x.shape == (4, 17) for x in a)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=80), min_size=1, max_size=5),
+    seq_len=st.integers(min_value=1, max_value=20),
+)
+def test_property_windows(lengths, seq_len):
+    shards = [np.arange(n) + 1000 * i for i, n in enumerate(lengths)]
+    src = WindowSource(shards, seq_len)
+    assert len(src) == sum(max(0, (n - 1) // seq_len) for n in lengths)
+    for i in range(len(src)):
+        w = src[i]
+        assert w.shape == (seq_len + 1,)
+        assert np.all(np.diff(w) == 1)  # contiguous and within one shard
