@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("prepare", help="tokenize a text source into a dataset directory")
-    p.add_argument("--source", choices=("stdlib", "files"), required=True)
+    p.add_argument("--source", choices=("stdlib", "files", "synthetic"), required=True)
     p.add_argument("--files", nargs="*", default=[], help="files, globs or directories (.txt/.jsonl/.parquet)")
     p.add_argument("--tokenizer", choices=("sentencepiece", "byte", "char"), default="byte")
     p.add_argument("--vocab-size", type=int, default=0, help="sentencepiece (required) or char (cap)")
@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--max-mb", type=float, default=8.0, help="stop reading the source after this many MB (0: all)")
     p.add_argument("--out", required=True, help="dataset directory to create (must not exist or be empty)")
+    p.add_argument("--synthetic-tokens", type=int, default=2_000_000, help="synthetic: train tokens")
+    p.add_argument("--synthetic-vocab", type=int, default=32, help="synthetic: symbols")
+    p.add_argument("--synthetic-order", type=int, default=3, help="synthetic: Markov order k")
+    p.add_argument("--synthetic-branching", type=int, default=4, help="synthetic: successors per context")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: source seed")
     _add_common(p)
 
     p = sub.add_parser("train", help="train (or resume) an experiment")
@@ -51,6 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, help="number of val batches (default: train.eval_batches; -1: all)")
     _add_common(p)
 
+    p = sub.add_parser("sweep", help="run an experiment's sweep (resumable), then fit and plot")
+    p.add_argument("experiment", help="experiment file defining sweep(), e.g. experiments/isoflop_cpu.py")
+    p.add_argument("--sweep-dir", help="default: sweeps/<sweep name>")
+    p.add_argument("--data", help="dataset directory (default: made from the sweep's DataSpec in SWEEP_DIR/data)")
+    p.add_argument("--launcher", choices=("local", "tpu", "slurm"), default="local")
+    p.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
+    p.add_argument("--only", help="run only points whose name matches this glob (no fit)")
+    p.add_argument("--no-fit", action="store_true", help="skip the fit, plots and held-out runs")
+    _add_common(p)
+
+    p = sub.add_parser("fit", help="fit scaling laws to a sweep directory or a CSV of points")
+    p.add_argument("sweep_dir", nargs="?")
+    p.add_argument("--points", help="CSV with columns params,tokens,loss or params,flops,loss")
+    p.add_argument("--out", help="output directory for fit.json and plots (default: SWEEP_DIR/fit or next to the CSV)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--approach", type=int, action="append", choices=(1, 2, 3), help="repeatable; default: all")
+    _add_common(p)
+
+    p = sub.add_parser("compare", help="table and plot of val perplexity / bits per byte across runs")
+    p.add_argument("runs", nargs="+", help="run or sweep directories")
+    p.add_argument("--out", default="compare.png", help="plot file (PNG)")
+    _add_common(p)
+
     p = sub.add_parser("config", help="print an experiment's resolved config as JSON")
     p.add_argument("experiment")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -64,13 +92,22 @@ def cmd_prepare(args) -> int:
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     max_bytes = int(args.max_mb * 1e6)
+    splits, source = None, {"kind": args.source, "files": args.files}
     if args.source == "stdlib":
         docs = data.stdlib_documents(max_bytes)
-    else:
+    elif args.source == "files":
         docs = data.file_documents(args.files, max_bytes)
+    else:
+        splits, source = data.synthetic_splits(
+            args.synthetic_tokens, args.val_fraction or 0.05, args.synthetic_vocab, args.synthetic_order,
+            args.synthetic_branching, args.seed,
+        )
+        docs = splits["train"] + splits["val"]
+        if args.tokenizer != "char":
+            raise UserError("--source synthetic uses --tokenizer char (one token per symbol)")
     meta = data.write_dataset(
         Path(args.out), docs, args.tokenizer, args.vocab_size, args.val_fraction,
-        sp_model_type=args.sp_model_type, source={"kind": args.source, "files": args.files},
+        sp_model_type=args.sp_model_type, source=source, splits=splits,
     )
     splits = {k: {"tokens": v["tokens"], "bytes": v["bytes"], "documents": v["documents"]} for k, v in meta["splits"].items()}
     print(json.dumps({"out": str(Path(args.out).absolute()), "vocab_size": meta["tokenizer"]["vocab_size"], "splits": splits}))
@@ -101,6 +138,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from ar_lm.sweep import run_sweep
+
+    return run_sweep(args.experiment, args.sweep_dir, args.data, args.launcher, args.dry_run, args.only, not args.no_fit)
+
+
+def cmd_fit(args) -> int:
+    from ar_lm import fit
+    from ar_lm.io import atomic_write_json
+    from ar_lm.plots import plot_fit
+
+    if bool(args.sweep_dir) == bool(args.points):
+        raise UserError("give either a SWEEP_DIR or --points CSV")
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    pts = fit.points_from_sweep(args.sweep_dir) if args.sweep_dir else fit.points_from_csv(args.points)
+    approaches = tuple(args.approach or (1, 2, 3))
+    if 3 in approaches and len(pts.N) < 5 and args.approach:
+        raise UserError(f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
+    if 3 in approaches and len(pts.N) < 5:
+        approaches = tuple(a for a in approaches if a != 3)
+    result = fit.fit_points(pts, n_boot=args.bootstrap, approaches=approaches)
+    out = Path(args.out or (Path(args.sweep_dir) / "fit" if args.sweep_dir else Path(args.points).with_suffix("")))
+    atomic_write_json(out / "fit.json", result)
+    plot_fit(result, out, pts)
+    print(fit.format_report(result))
+    print(f"[fit] wrote {out / 'fit.json'} and plots", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ar_lm.compare import compare
+
+    if not args.out.endswith(".png"):
+        raise UserError(f"--out must be a .png file, got {args.out}")
+    print(compare(args.runs, Path(args.out)))
+    return 0
+
+
 def cmd_config(args) -> int:
     from ar_lm.config import to_dict
 
@@ -108,7 +184,8 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "config": cmd_config}
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "fit": cmd_fit,
+            "compare": cmd_compare, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,6 +132,7 @@ class LoggingConfig:
     project: str = "ar_lm"
     group: str = ""
     tags: tuple[str, ...] = ()
+    coords: tuple[str, ...] = ()  # "key=value" sweep coordinates (N, D, C, ...) for wandb's config
     peak_flops: float = 0.0  # per device, FLOP/s; 0 -> known accelerator table or a CPU measurement
     progress: bool = True
 
@@ -354,6 +355,10 @@ def load_experiment_module(path: str | Path) -> types.ModuleType:
 
 
 def load_experiment(path: str | Path, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """An experiment file (``.py`` with ``config()``) or a resolved config (``.json``), with overrides."""
+    if Path(path).suffix == ".json":
+        require(Path(path).is_file(), f"config file {path} does not exist")
+        return validate(apply_overrides(load_json(Path(path)), overrides or []))
     cfg = load_experiment_module(path).config()
     require(isinstance(cfg, ExperimentConfig), f"config() in {path} must return an ExperimentConfig")
     return validate(apply_overrides(cfg, overrides or []))

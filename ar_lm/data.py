@@ -137,6 +137,22 @@ def _parquet_documents(path: Path) -> list[Document]:
     return [Document(f"{path}:{i}", t) for i, t in enumerate(table.column("text").to_pylist()) if t]
 
 
+def synthetic_splits(tokens: int, val_fraction: float, vocab: int, order: int, branching: int, seed: int):
+    """Train and val samples of one `MarkovSource` (one long document each) and its description."""
+    from ar_lm.synthetic import MarkovSource
+
+    require(tokens >= 1000, f"--synthetic-tokens must be at least 1000, got {tokens}")
+    source = MarkovSource(vocab, order, branching, seed)
+    n_val = max(1000, int(tokens * val_fraction))
+    splits = {
+        "train": [Document("synthetic-train", source.text(tokens, seed=2 * seed + 1))],
+        "val": [Document("synthetic-val", source.text(n_val, seed=2 * seed + 2))],
+    }
+    info = {"kind": "synthetic", "vocab": vocab, "order": order, "branching": branching, "seed": seed,
+            "entropy_rate_nats": source.entropy_rate}
+    return splits, info
+
+
 def split_of(doc: Document, val_fraction: float) -> str:
     digest = hashlib.sha256(doc.name.encode("utf-8")).digest()
     return "val" if int.from_bytes(digest[:8], "little") / 2**64 < val_fraction else "train"
@@ -166,14 +182,16 @@ def write_dataset(
     shard_tokens: int = 1 << 24,
     sp_model_type: str = "bpe",
     source: dict | None = None,
+    splits: dict[str, list[Document]] | None = None,
 ) -> dict:
-    """Tokenize `docs` into a dataset directory at `out` (which must not exist or be empty)."""
+    """Tokenize `docs` (split by name hash, or the given `splits`) into a dataset directory at
+    `out`, which must not exist or be empty."""
     out = Path(out).absolute()
     require(
         not out.exists() or (out.is_dir() and not any(out.iterdir())),
         f"output directory {out} already exists and is not empty: choose another --out or remove it",
     )
-    splits = split_documents(docs, val_fraction)
+    splits = splits or split_documents(docs, val_fraction)
     tokenizer = train_tokenizer(tokenizer_kind, [d.text for d in splits["train"]], vocab_size, sp_model_type)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
 

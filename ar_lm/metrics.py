@@ -146,6 +146,13 @@ class RunLogger:
             self.wandb.finish()
 
 
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _start_wandb(run_dir: Path, config: dict, logging_cfg):
     mode = wandb_mode()
     if mode == "disabled":
@@ -155,6 +162,7 @@ def _start_wandb(run_dir: Path, config: dict, logging_cfg):
     id_file = run_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
+    config = dict(config, coords={k: _number(v) for k, _, v in (c.partition("=") for c in logging_cfg.coords)})
     return wandb.init(
         project=logging_cfg.project,
         group=logging_cfg.group or None,

@@ -1,0 +1,430 @@
+"""Scaling-law fits (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models").
+
+- Approach 1: the minimum-loss envelope over training curves gives, for each compute C, the
+  model size N that reached the lowest loss; power laws N_opt = k_N C^a and D_opt = k_D C^b.
+- Approach 2: for each IsoFLOP budget, a parabola in log N through the final losses; its minimum
+  is N_opt(C); power laws through the minima (D_opt = C / (6 N_opt)).
+- Approach 3: L(N, D) = E + A / N^alpha + B / D^beta, fitted as log L = LSE(a - alpha log N,
+  b - beta log D, e) (A = e^a, B = e^b, E = e^e) by minimising the Huber loss (delta = 1e-3)
+  between predicted and observed log loss with L-BFGS from a grid of initial points. With
+  C = 6 N D its compute-optimal frontier is N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b with
+  G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta).
+
+Bootstrap confidence intervals (resampling points, or runs for Approach 1) for every quantity.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from scipy import optimize
+
+from ar_lm.errors import UserError, require
+from ar_lm.io import atomic_write_json
+
+HUBER_DELTA = 1e-3
+CI = (2.5, 97.5)
+
+
+@dataclass
+class Points:
+    """Final losses of runs: N params, D tokens, C FLOPs, L loss (nats/token); optional IsoFLOP
+    group per point and training curves [(N, C_t array, L_t array)] for Approach 1."""
+
+    N: np.ndarray
+    D: np.ndarray
+    C: np.ndarray
+    L: np.ndarray
+    group: Optional[np.ndarray] = None
+    curves: list = field(default_factory=list)
+    floor: Optional[float] = None  # known loss floor (entropy rate), nats
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def points_from_csv(path: str | Path) -> Points:
+    """`params,tokens,loss` or `params,flops,loss` (then D = C / 6N); an optional `flops`
+    column with `tokens` defines the IsoFLOP groups."""
+    path = Path(path)
+    require(path.is_file(), f"points file {path} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        rows = list(reader)
+    require("params" in cols and "loss" in cols and ({"tokens", "flops"} & cols),
+            f"{path} needs columns params,tokens,loss or params,flops,loss (has {', '.join(sorted(cols)) or 'none'})")
+    try:
+        n = np.array([float(r["params"]) for r in rows])
+        l = np.array([float(r["loss"]) for r in rows])
+        c = np.array([float(r["flops"]) for r in rows]) if "flops" in cols else None
+        d = np.array([float(r["tokens"]) for r in rows]) if "tokens" in cols else None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has a non-numeric value ({e})") from None
+    require(len(rows) > 0, f"{path} has no rows")
+    for name, arr in (("params", n), ("loss", l), ("flops", c), ("tokens", d)):
+        if arr is not None:
+            require(np.all(np.isfinite(arr)) and np.all(arr > 0), f"{path}: column {name} must hold positive numbers")
+    if d is None:
+        d = c / (6 * n)
+    if c is None:
+        c = 6 * n * d
+    return Points(n, d, c, l, group=_group_by_flops(c) if "flops" in cols else None)
+
+
+def _group_by_flops(c: np.ndarray, tol: float = 0.1) -> np.ndarray:
+    """Cluster points whose C lie within `tol` (relative) of each other."""
+    order = np.argsort(c)
+    group = np.zeros(len(c), int)
+    g, anchor = 0, c[order[0]]
+    for i in order:
+        if c[i] > anchor * (1 + tol):
+            g, anchor = g + 1, c[i]
+        group[i] = g
+    return group
+
+
+def points_from_sweep(sweep_dir: str | Path) -> Points:
+    from ar_lm import rundir
+    from ar_lm.metrics import read_jsonl
+
+    sweep_dir = Path(sweep_dir)
+    listing_path = sweep_dir / "sweep.json"
+    require(listing_path.is_file(), f"{sweep_dir} is not a sweep directory (no sweep.json): run `ar-lm sweep` first")
+    listing = json.loads(listing_path.read_text())
+    rows, curves, floor = [], [], None
+    for p in listing["points"]:
+        if p["name"].startswith("holdout"):
+            continue
+        run = sweep_dir / "runs" / p["name"]
+        summary = rundir.read_summary(run)
+        if not summary or summary.get("val_loss") is None:
+            continue
+        c = p["coords"]
+        rows.append((c["N"], c["D"], c["C"], summary["val_loss"], c.get("budget", c["C"])))
+        tokens_per_step = summary["tokens"] / max(1, summary["step"])
+        train = [r for r in read_jsonl(run / rundir.METRICS) if r.get("split") == "train"]
+        if len(train) >= 3:
+            steps = np.array([r["step"] for r in train], float)
+            losses = _smooth(np.array([r["loss"] for r in train], float))
+            curves.append((c["N"], c["flops_per_token"] * tokens_per_step * steps, losses))
+        if floor is None:
+            floor = _data_floor(rundir.load_run_config(run).data.path)
+    require(len(rows) >= 2, f"{sweep_dir} has {len(rows)} finished runs: a fit needs at least 2")
+    arr = np.array(rows, float)
+    return Points(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], group=_group_by_flops(arr[:, 4], 0.01),
+                  curves=curves, floor=floor)
+
+
+def _smooth(x: np.ndarray, window: int = 5) -> np.ndarray:
+    if len(x) < window:
+        return x
+    kernel = np.ones(window) / window
+    padded = np.concatenate([np.full(window - 1, x[0]), x])
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def _data_floor(data_path: str) -> Optional[float]:
+    try:
+        meta = json.loads((Path(data_path) / "metadata.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta.get("source", {}).get("entropy_rate_nats")
+
+
+# ---------------------------------------------------------------------------------------------
+# Power laws
+
+
+def power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """y = k x^e by least squares in log space; returns (k, e)."""
+    e, logk = np.polyfit(np.log(x), np.log(y), 1)
+    return float(math.exp(logk)), float(e)
+
+
+def _ci(samples: list[float]) -> Optional[list[float]]:
+    samples = [s for s in samples if s is not None and np.isfinite(s)]
+    if len(samples) < 10:
+        return None
+    lo, hi = np.percentile(samples, CI)
+    return [float(lo), float(hi)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Approach 1
+
+
+def envelope(curves: list, n_grid: int = 40) -> dict:
+    """For log-spaced C, the lowest loss over all runs' curves (each interpolated in log C) and
+    the N of the run that reached it."""
+    lo = max(min(c[1][0] for c in curves), 1.0)
+    hi = max(c[1][-1] for c in curves)
+    grid = np.geomspace(lo, hi, n_grid)
+    best_l = np.full(n_grid, np.inf)
+    best_n = np.full(n_grid, np.nan)
+    for n, c_t, l_t in curves:
+        inside = (grid >= c_t[0]) & (grid <= c_t[-1])
+        l = np.interp(np.log(grid[inside]), np.log(c_t), l_t)
+        better = l < best_l[inside]
+        idx = np.where(inside)[0][better]
+        best_l[idx] = l[better]
+        best_n[idx] = n
+    keep = np.isfinite(best_l)
+    return {"C": grid[keep], "L": best_l[keep], "N": best_n[keep]}
+
+
+def approach1(curves: list) -> Optional[dict]:
+    if len(curves) < 2:
+        return None
+    env = envelope(curves)
+    # the frontier only says something where it changes hands: use the last third of the C range
+    # where several model sizes compete, and require at least 2 distinct N
+    if len(set(env["N"].tolist())) < 2:
+        return None
+    k_n, a = power_law(env["C"], env["N"])
+    d = env["C"] / (6 * env["N"])
+    k_d, b = power_law(env["C"], d)
+    return {"a": a, "k_N": k_n, "b": b, "k_D": k_d, "envelope": {k: v.tolist() for k, v in env.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Approach 2
+
+
+def isoflop_minima(pts: Points) -> list[dict]:
+    """Per budget group with >= 3 distinct N: the parabola L = p0 (log N)^2 + p1 log N + p2 and
+    its minimum (only if it opens upwards)."""
+    out = []
+    if pts.group is None:
+        return out
+    for g in np.unique(pts.group):
+        m = pts.group == g
+        if len(np.unique(pts.N[m])) < 3:
+            continue
+        x = np.log(pts.N[m])
+        coef = np.polyfit(x, pts.L[m], 2)
+        if coef[0] <= 0:
+            continue
+        x_min = -coef[1] / (2 * coef[0])
+        c = float(np.exp(np.mean(np.log(pts.C[m]))))
+        n_opt = float(np.exp(x_min))
+        out.append({"C": c, "N_opt": n_opt, "D_opt": c / (6 * n_opt), "loss_min": float(np.polyval(coef, x_min)),
+                    "parabola": coef.tolist(), "N_range": [float(pts.N[m].min()), float(pts.N[m].max())],
+                    "interior": bool(pts.N[m].min() <= n_opt <= pts.N[m].max())})
+    return out
+
+
+def approach2(pts: Points) -> Optional[dict]:
+    minima = isoflop_minima(pts)
+    if len(minima) < 2:
+        return None
+    c = np.array([m["C"] for m in minima])
+    n = np.array([m["N_opt"] for m in minima])
+    k_n, a = power_law(c, n)
+    k_d, b = power_law(c, c / (6 * n))
+    return {"a": a, "k_N": k_n, "b": b, "k_D": k_d, "minima": minima}
+
+
+# ---------------------------------------------------------------------------------------------
+# Approach 3
+
+
+def _lse_terms(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
+    a, b, e, alpha, beta = theta
+    return np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+
+
+def _objective(theta, log_n, log_d, log_l, delta=HUBER_DELTA):
+    """Sum of Huber(delta) of (LSE(...) - log L) and its gradient."""
+    t = _lse_terms(theta, log_n, log_d)
+    tmax = t.max(axis=0)
+    w = np.exp(t - tmax)
+    z = w.sum(axis=0)
+    r = tmax + np.log(z) - log_l
+    w = w / z
+    huber = np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
+    h = np.clip(r, -delta, delta)
+    grad = np.array([
+        np.sum(h * w[0]), np.sum(h * w[1]), np.sum(h * w[2]),
+        np.sum(h * w[0] * -log_n), np.sum(h * w[1] * -log_d),
+    ])
+    return float(huber.sum()), grad
+
+
+INIT_GRID = {
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+}
+BOUNDS = [(-50, 100), (-50, 100), (-10, 10), (0, 5), (0, 5)]
+
+
+def _grid_starts(log_n, log_d, log_l, top: int) -> list[np.ndarray]:
+    g = INIT_GRID
+    grid = np.array([(a, b, e, al, be) for al, be, e, a, b in itertools.product(g["alpha"], g["beta"], g["e"], g["a"], g["b"])])
+    # vectorised objective over the whole grid, then L-BFGS from the best `top` starts
+    a, b, e, al, be = (grid[:, i : i + 1] for i in range(5))
+    t = np.stack([a - al * log_n, b - be * log_d, np.broadcast_to(e, (len(grid), len(log_n)))])
+    r = np.logaddexp.reduce(t, axis=0) - log_l
+    huber = np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum(axis=1)
+    return [grid[i] for i in np.argsort(huber)[:top]]
+
+
+def fit_parametric(N, D, L, starts: Optional[list] = None, top: int = 64) -> dict:
+    log_n, log_d, log_l = np.log(N), np.log(D), np.log(L)
+    starts = starts if starts is not None else _grid_starts(log_n, log_d, log_l, top)
+    best = None
+    for x0 in starts:
+        res = optimize.minimize(_objective, x0, args=(log_n, log_d, log_l), jac=True, method="L-BFGS-B", bounds=BOUNDS)
+        if best is None or res.fun < best.fun:
+            best = res
+    a, b, e, alpha, beta = best.x
+    A, B, E = math.exp(a), math.exp(b), math.exp(e)
+    out = {"E": E, "A": A, "B": B, "alpha": float(alpha), "beta": float(beta), "huber_loss": float(best.fun),
+           "theta": best.x.tolist()}
+    out.update(_frontier_exponents(out))
+    return out
+
+
+def _frontier_exponents(p: dict) -> dict:
+    s = p["alpha"] + p["beta"]
+    if s <= 0 or p["alpha"] <= 0 or p["beta"] <= 0:
+        return {"a": None, "b": None, "G": None}
+    g = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1 / s)
+    return {"a": p["beta"] / s, "b": p["alpha"] / s, "G": g}
+
+
+def parametric_loss(p: dict, n, d):
+    return p["E"] + p["A"] / np.power(n, p["alpha"]) + p["B"] / np.power(d, p["beta"])
+
+
+def parametric_optimal(p: dict, c):
+    """N_opt, D_opt at compute C (C = 6 N D)."""
+    if p.get("G") is None:
+        return None, None
+    return p["G"] * (c / 6) ** p["a"], (c / 6) ** p["b"] / p["G"]
+
+
+# ---------------------------------------------------------------------------------------------
+# All approaches with bootstrap
+
+
+def fit_points(pts: Points, n_boot: int = 100, seed: int = 0, approaches=(1, 2, 3)) -> dict:
+    require(np.all(pts.N > 0) and np.all(pts.D > 0) and np.all(pts.L > 0), "params, tokens and loss must be positive")
+    rng = np.random.default_rng(seed)
+    result: dict = {"n_points": int(len(pts.N)), "floor": pts.floor,
+                    "points": [{"N": float(n), "D": float(d), "C": float(c), "loss": float(l)}
+                               for n, d, c, l in zip(pts.N, pts.D, pts.C, pts.L)]}
+    if 3 in approaches:
+        require(len(pts.N) >= 5, f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
+        p3 = fit_parametric(pts.N, pts.D, pts.L)
+        boots = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, len(pts.N), len(pts.N))
+            if len(np.unique(idx)) < 5:
+                continue
+            log_n, log_d, log_l = np.log(pts.N[idx]), np.log(pts.D[idx]), np.log(pts.L[idx])
+            starts = [np.array(p3["theta"])] + _grid_starts(log_n, log_d, log_l, top=4)
+            boots.append(fit_parametric(pts.N[idx], pts.D[idx], pts.L[idx], starts=starts))
+        p3["ci"] = {k: _ci([b[k] for b in boots]) for k in ("E", "A", "B", "alpha", "beta", "a", "b", "G")}
+        p3["bootstrap"] = [{k: b[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b", "G")} for b in boots]
+        if pts.floor is not None:
+            p3["floor"] = pts.floor
+            p3["E_minus_floor"] = p3["E"] - pts.floor
+        result["approach3"] = p3
+    if 2 in approaches:
+        p2 = approach2(pts)
+        if p2 is not None:
+            boots = []
+            for _ in range(n_boot):
+                idx = np.concatenate([rng.choice(np.where(pts.group == g)[0], (pts.group == g).sum()) for g in np.unique(pts.group)])
+                sub = Points(pts.N[idx], pts.D[idx], pts.C[idx], pts.L[idx], group=pts.group[idx])
+                b = approach2(sub)
+                if b is not None:
+                    boots.append(b)
+            p2["ci"] = {k: _ci([b[k] for b in boots]) for k in ("a", "b", "k_N", "k_D")}
+            p2["bootstrap"] = [{k: b[k] for k in ("a", "b", "k_N", "k_D")} for b in boots]
+            result["approach2"] = p2
+    if 1 in approaches and pts.curves:
+        p1 = approach1(pts.curves)
+        if p1 is not None:
+            boots = []
+            for _ in range(n_boot):
+                idx = rng.integers(0, len(pts.curves), len(pts.curves))
+                b = approach1([pts.curves[i] for i in idx])
+                if b is not None:
+                    boots.append(b)
+            p1["ci"] = {k: _ci([b[k] for b in boots]) for k in ("a", "b", "k_N", "k_D")}
+            p1["bootstrap"] = [{k: b[k] for k in ("a", "b", "k_N", "k_D")} for b in boots]
+            result["approach1"] = p1
+    require(any(f"approach{i}" in result for i in (1, 2, 3)),
+            "too few points for any approach: approach 2 needs >= 2 IsoFLOP budgets with >= 3 sizes each, "
+            "approach 3 needs >= 5 points")
+    return result
+
+
+def predict_optimal(result: dict, c: float) -> dict:
+    """N_opt, D_opt (and the parametric loss there) at compute C, from approach 3, else 2, else 1."""
+    p3 = result.get("approach3")
+    if p3 and p3.get("G"):
+        n, d = parametric_optimal(p3, c)
+        return {"N_opt": float(n), "D_opt": float(d), "loss": float(parametric_loss(p3, n, d)), "from": "approach3"}
+    for key in ("approach2", "approach1"):
+        p = result.get(key)
+        if p:
+            return {"N_opt": p["k_N"] * c ** p["a"], "D_opt": p["k_D"] * c ** p["b"], "loss": None, "from": key}
+    raise UserError("the fit has no approach that predicts the compute-optimal size")
+
+
+def predict_loss(result: dict, n: float, d: float) -> Optional[float]:
+    p3 = result.get("approach3")
+    return float(parametric_loss(p3, n, d)) if p3 else None
+
+
+def format_report(result: dict) -> str:
+    lines = [f"[fit] {result['n_points']} points"]
+    ci = lambda p, k: (f" [{p['ci'][k][0]:.3g}, {p['ci'][k][1]:.3g}]" if p.get("ci", {}).get(k) else "")  # noqa: E731
+    for i in (1, 2):
+        p = result.get(f"approach{i}")
+        if p:
+            lines.append(f"[fit] approach {i}: N_opt ∝ C^{p['a']:.3f}{ci(p, 'a')}, D_opt ∝ C^{p['b']:.3f}{ci(p, 'b')}")
+    p3 = result.get("approach3")
+    if p3:
+        lines.append(
+            f"[fit] approach 3: L = {p3['E']:.3f}{ci(p3, 'E')} + {p3['A']:.4g}/N^{p3['alpha']:.3f}{ci(p3, 'alpha')}"
+            f" + {p3['B']:.4g}/D^{p3['beta']:.3f}{ci(p3, 'beta')}"
+        )
+        if p3.get("a") is not None:
+            lines.append(f"[fit] approach 3: N_opt ∝ C^{p3['a']:.3f}{ci(p3, 'a')}, D_opt ∝ C^{p3['b']:.3f}{ci(p3, 'b')}")
+        if p3.get("floor") is not None:
+            verdict = "above" if p3["E_minus_floor"] >= 0 else "BELOW"
+            lines.append(f"[fit] entropy-rate floor {p3['floor']:.4f} nats: E is {verdict} it by {p3['E_minus_floor']:+.4f}")
+    return "\n".join(lines)
+
+
+def fit_sweep_dir(sweep_dir: str | Path, n_boot: int = 100, plots: bool = True) -> dict:
+    sweep_dir = Path(sweep_dir)
+    result = fit_points(points_from_sweep(sweep_dir), n_boot=n_boot)
+    out = sweep_dir / "fit"
+    atomic_write_json(out / "fit.json", result)
+    if plots:
+        from ar_lm.plots import plot_fit
+
+        plot_fit(result, out, points_from_sweep(sweep_dir))
+    return result
+
+
+def plot_holdout(result: dict, checks: list[dict], out: Path) -> None:
+    from ar_lm.plots import plot_parametric
+
+    plot_parametric(result, out, checks)

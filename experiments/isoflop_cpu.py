@@ -1,0 +1,36 @@
+"""The main job: an IsoFLOP scaling study sized for a 2-core CPU (about 10 minutes).
+
+    ar-lm sweep experiments/isoflop_cpu.py
+
+It tokenizes the Python standard library (bytes), trains 3 compute budgets x 4 model sizes
+(each run's learning-rate schedule fitted to its own token budget), fits Chinchilla approaches
+1-3 with bootstrap intervals, writes the plots to sweeps/isoflop_cpu/fit/, then trains one
+held-out run at 3x the largest budget at the fitted compute-optimal size and compares the
+fitted law's predicted loss with the measured one.
+"""
+
+from ar_lm.config import DataConfig, ExperimentConfig, LoggingConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from ar_lm.scaling import DataSpec, ShapeRule, Sweep, isoflop_sweep
+
+BUDGETS = (1e11, 3e11, 1e12)  # training FLOPs per run
+HOLDOUT = (3e12,)
+RULE = ShapeRule(aspect=32, head_dim=16)
+
+
+def config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="isoflop_cpu",
+        model=ModelConfig(family="gpt2", vocab_size=0, max_seq_len=128),
+        data=DataConfig(seq_len=128, batch_size=16),
+        optim=OptimConfig(lr=4e-3, warmup_frac=0.05, final_lr_frac=0.1, weight_decay=0.1),
+        train=TrainConfig(eval_every=0, eval_batches=16, log_every=10, checkpoint_every=200, keep_checkpoints=1),
+        mesh=MeshConfig(devices=1),
+        logging=LoggingConfig(wandb=True, project="ar_lm", tags=("isoflop_cpu",), progress=False),
+    )
+
+
+def sweep() -> Sweep:
+    base = config()
+    points = isoflop_sweep(base, BUDGETS, sizes_per_budget=4, spread=3.0, rule=RULE)
+    return Sweep(name="isoflop_cpu", base=base, points=tuple(points), holdout_budgets=HOLDOUT,
+                 data=DataSpec(source="stdlib", tokenizer="byte", max_mb=8.0), rule=RULE)

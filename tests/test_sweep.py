@@ -1,0 +1,160 @@
+"""Sweep runner (failures recorded, re-runs skip, killed sweeps resume), fit/compare CLI, and the
+synthetic source's entropy-rate floor."""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ar_lm.cli import main
+from ar_lm.data import TokenDataset, synthetic_splits, write_dataset
+from ar_lm.synthetic import MarkovSource
+from ar_lm.train import train
+from conftest import tiny_config
+
+EXPERIMENT = '''
+import dataclasses
+from ar_lm.config import DataConfig, ExperimentConfig, LoggingConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from ar_lm.scaling import ShapeRule, Sweep, SweepPoint, isoflop_sweep
+
+RULE = ShapeRule(aspect=16, head_dim=8)
+
+
+def config():
+    return ExperimentConfig(
+        name="mini", model=ModelConfig(max_seq_len=32), data=DataConfig(seq_len=32, batch_size=8, prefetch=0),
+        optim=OptimConfig(lr=3e-3), train=TrainConfig(eval_batches=1, log_every=5, checkpoint_every=10, async_checkpoint=False),
+        mesh=MeshConfig(devices=1), logging=LoggingConfig(wandb=False, progress=False))
+
+
+def sweep():
+    base = config()
+    points = isoflop_sweep(base, (3e8, 6e8), sizes_per_budget=2, spread=2.0, rule=RULE, min_steps=5)
+    broken_cfg = dataclasses.replace(points[0].config, name="broken",
+                                     model=dataclasses.replace(points[0].config.model, n_heads=3))
+    points.append(SweepPoint("broken", broken_cfg, dict(points[0].coords)))
+    return Sweep(name="mini", base=base, points=tuple(points), rule=RULE)
+'''
+
+
+def _status(sweep_dir):
+    try:
+        return json.loads((sweep_dir / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def test_sweep_failures_reruns_and_kill_resume(tmp_path, byte_data):
+    exp = tmp_path / "mini.py"
+    exp.write_text(EXPERIMENT)
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "ar_lm", "sweep", str(exp), "--sweep-dir", str(sweep_dir), "--data", str(byte_data), "--no-fit"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
+
+    # 1. kill the sweep once its first run has finished
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s.get("state") == "done" for s in _status(sweep_dir).values()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_done = [n for n, s in _status(sweep_dir).items() if s.get("state") == "done"]
+    assert first_done, "no run finished before the kill"
+    kept = {n: (sweep_dir / "runs" / n / "summary.json").read_bytes() for n in first_done}
+
+    # 2. re-run: finishes the rest, the broken point fails with its error recorded, exit 1
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr
+    status = _status(sweep_dir)
+    assert status["broken"]["state"] == "failed" and "not divisible by model.n_heads=3" in status["broken"]["error"]
+    good = [n for n in status if n != "broken"]
+    assert len(good) == 4 and all(status[n]["state"] == "done" for n in good)
+    for n, blob in kept.items():  # finished runs were skipped, not redone
+        assert (sweep_dir / "runs" / n / "summary.json").read_bytes() == blob
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert {r["name"] for r in rows} == set(status) and all(r["val_loss"] for r in rows if r["name"] != "broken")
+    assert "val loss" in out.stdout  # the printed table
+
+    # 3. re-run again: nothing to redo except the broken point
+    mtimes = {n: (sweep_dir / "runs" / n / "summary.json").stat().st_mtime_ns for n in good}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1
+    assert {n: (sweep_dir / "runs" / n / "summary.json").stat().st_mtime_ns for n in good} == mtimes
+
+    # 4. fit on the finished points from a CSV, and compare the runs
+    assert main(["compare", str(sweep_dir), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
+
+
+def test_sweep_bad_input(tmp_path, capsys):
+    empty = tmp_path / "empty.py"
+    empty.write_text(EXPERIMENT.replace("points=tuple(points)", "points=()"))
+    single = tmp_path / "single.py"
+    single.write_text(EXPERIMENT.replace("points=tuple(points)", "points=tuple(points[:1])"))
+    nosweep = tmp_path / "nosweep.py"
+    nosweep.write_text("def config():\n    return None\n")
+    for path, fragment in ((empty, "is empty"), (single, "single point"), (nosweep, "defines no sweep()")):
+        assert main(["sweep", str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+
+
+def test_fit_cli_on_points_csv(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in (1e18, 1e19, 1e20):
+        n_star = math.sqrt(c / 120)
+        for n in n_star * np.geomspace(0.25, 4, 5):
+            d = c / (6 * n)
+            rows.append((n, c, (1.7 + 400 / n**0.34 + 410 / d**0.28) * math.exp(rng.normal(0, 0.002))))
+    path = tmp_path / "pts.csv"
+    path.write_text("params,flops,loss\n" + "\n".join(f"{n},{c},{l}" for n, c, l in rows))
+    assert main(["fit", "--points", str(path), "--bootstrap", "20"]) == 0
+    report = capsys.readouterr().out
+    assert "approach 2" in report and "approach 3" in report
+    result = json.loads((tmp_path / "pts" / "fit.json").read_text())
+    assert result["approach3"]["a"] == pytest.approx(0.28 / 0.62, abs=0.05)
+    assert result["approach2"]["a"] == pytest.approx(0.28 / 0.62, abs=0.05)
+    for name in ("isoflop.png", "loss_vs_flops.png", "optimal_vs_compute.png", "parametric_fit.png"):
+        assert (tmp_path / "pts" / name).stat().st_size > 10_000
+    bad = tmp_path / "bad.csv"
+    bad.write_text("params,loss\n1,2\n")
+    assert main(["fit", "--points", str(bad)]) == 2
+    assert "needs columns" in capsys.readouterr().err
+
+
+def test_entropy_rate_matches_the_empirical_conditional_entropy():
+    src = MarkovSource(vocab=4, order=2, branching=3, seed=3)
+    x = src.sample(300_000, seed=1)
+    ctx = x[:-2] * 4 + x[1:-1]  # the last two symbols
+    counts = np.zeros((16, 4))
+    np.add.at(counts, (ctx, x[2:]), 1)
+    p_ctx = counts.sum(1) / counts.sum()
+    cond = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.nansum(p_ctx[:, None] * cond * np.log(cond))
+    assert h == pytest.approx(src.entropy_rate, abs=0.01)
+    assert 0 < src.entropy_rate < math.log(3)  # at most `branching` successors per context
+
+
+def test_model_loss_approaches_but_never_beats_the_entropy_rate(tmp_path):
+    splits, source = synthetic_splits(60_000, 0.05, vocab=16, order=1, branching=3, seed=0)
+    data = tmp_path / "syn"
+    write_dataset(data, splits["train"] + splits["val"], "char", source=source, splits=splits)
+    floor = json.loads((data / "metadata.json").read_text())["source"]["entropy_rate_nats"]
+    cfg = tiny_config(data, model={"d_model": 64, "max_seq_len": 64}, data={"seq_len": 64, "batch_size": 16},
+                      optim={"lr": 1e-2, "warmup_steps": 10}, train={"steps": 300, "eval_batches": -1, "eval_every": 100})
+    train(cfg, tmp_path / "run")
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["loss"] for r in records if r["split"] == "val"]
+    assert all(v > floor for v in val), (val, floor)
+    assert val[-1] < floor + 0.05, (val[-1], floor)  # within 0.05 nats of the floor
+    assert val[-1] < val[0]
