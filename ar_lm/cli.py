@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset directory (overrides data.path)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--run-dir", help="run directory (default: runs/<experiment name>)")
+    p.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (auto on TPU pods and Slurm)")
+    p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    p.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for all processes to join")
     _add_common(p)
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint; prints JSON")
@@ -78,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run or sweep directories")
     p.add_argument("--out", default="compare.png", help="plot file (PNG)")
     _add_common(p)
+
+    from ar_lm.launch import add_parser as add_launch_parser
+
+    add_launch_parser(sub)
 
     p = sub.add_parser("config", help="print an experiment's resolved config as JSON")
     p.add_argument("experiment")
@@ -122,12 +130,21 @@ def _experiment_config(args):
 
 
 def cmd_train(args) -> int:
-    from ar_lm.train import train
+    from ar_lm.errors import EXIT_PREEMPTED
+    from ar_lm.train import PreemptionGuard, train
+
+    from ar_lm.distributed import initialize
 
     cfg = _experiment_config(args)
+    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    result = train(cfg, run_dir)
+    with PreemptionGuard() as guard:
+        result = train(cfg, run_dir, stop_requested=guard)
     print(json.dumps({"run_dir": str(result.run_dir), **result.summary}))
+    if result.summary.get("preempted"):
+        print(f"[train] stopped at step {result.summary['step']} with a checkpoint: run the same command to resume",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -177,6 +194,12 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from ar_lm.launch import run
+
+    return run(args)
+
+
 def cmd_config(args) -> int:
     from ar_lm.config import to_dict
 
@@ -185,7 +208,7 @@ def cmd_config(args) -> int:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "fit": cmd_fit,
-            "compare": cmd_compare, "config": cmd_config}
+            "compare": cmd_compare, "launch": cmd_launch, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
 
         absl.logging.set_verbosity(absl.logging.ERROR)
     try:
+        rest: list[str] = []
+        if argv[:1] == ["launch"] or "launch" in argv[:2]:  # `launch ... -- COMMAND`: COMMAND is not ours to parse
+            if "--" in argv:
+                cut = argv.index("--")
+                argv, rest = argv[:cut], argv[cut + 1 :]
         args = build_parser().parse_args(argv)
+        args.cmd_args = rest
         if not args.command:
             raise UserError("no command given: use one of " + ", ".join(COMMANDS) + " (see `ar-lm --help`)")
         return COMMANDS[args.command](args)

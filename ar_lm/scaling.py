@@ -18,14 +18,16 @@ from ar_lm.model import flops_per_token, param_counts
 
 @dataclasses.dataclass(frozen=True)
 class ShapeRule:
-    """How a target size becomes a shape: width d_model = `aspect` * n_layers (within a factor of
-    2), d_model a multiple of `head_dim`, n_heads = d_model / head_dim, d_ff from the family's
-    default (4d or 8/3 d)."""
+    """How a target size becomes a shape: d_model a multiple of `head_dim` (n_heads = d_model /
+    head_dim), depth n_layers = max(1, round(d_model / aspect)), d_ff from the family's default
+    (4d or 8/3 d). One width fixes the whole shape, so sizes form a single monotone family."""
 
     aspect: float = 32.0
     head_dim: int = 16
-    min_layers: int = 1
-    max_layers: int = 48
+    max_width: int = 8192
+
+    def shape(self, d_model: int) -> tuple[int, int]:
+        return max(1, round(d_model / self.aspect)), d_model // self.head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,26 +67,37 @@ def count_params(model: ModelConfig, n_kind: str) -> int:
     return param_counts(model)[n_kind]
 
 
+def ladder(base: ModelConfig, rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding",
+           max_params: float = 1e12) -> list[ModelConfig]:
+    """Every shape under `rule` up to `max_params` (at least the smallest), by parameter count."""
+    models = []
+    for d_model in range(rule.head_dim, rule.max_width + 1, rule.head_dim):
+        n_layers, n_heads = rule.shape(d_model)
+        cfg = dataclasses.replace(base, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=0, d_ff=0)
+        if count_params(cfg, n_kind) > max_params and models:
+            break
+        models.append(cfg)
+    return sorted(models, key=lambda m: count_params(m, n_kind))
+
+
 def ladder_model(base: ModelConfig, target: float, rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding") -> ModelConfig:
-    """The shape whose parameter count (`n_kind`) is closest to `target` in log space among those
-    with d_model / n_layers within a factor of 2 of `rule.aspect`; ties go to the closer aspect."""
-    best, best_key = None, None
-    for n_layers in range(rule.min_layers, rule.max_layers + 1):
-        for mult in range(1, 1 + int(4 * rule.aspect * n_layers / rule.head_dim) + 1):
-            d_model = mult * rule.head_dim
-            ratio = d_model / n_layers
-            if not rule.aspect / 2 <= ratio <= rule.aspect * 2:
-                continue
-            cfg = dataclasses.replace(
-                base, n_layers=n_layers, d_model=d_model, n_heads=mult, n_kv_heads=0, d_ff=0
-            )
-            n = count_params(cfg, n_kind)
-            key = (abs(math.log(n / target)), abs(math.log(ratio / rule.aspect)))
-            if best_key is None or key < best_key:
-                best, best_key = cfg, key
-    if best is None:
-        raise UserError(f"no model shape fits {target:.3g} parameters under {rule}")
-    return best
+    """The shape under `rule` whose parameter count (`n_kind`) is closest to `target` in log space."""
+    return min(ladder(base, rule, n_kind, target * 8), key=lambda m: abs(math.log(count_params(m, n_kind) / target)))
+
+
+def _pick_sizes(models: list[ModelConfig], targets: list[float], n_kind: str) -> list[ModelConfig]:
+    """Distinct ladder entries nearest to `targets` (neighbours fill in where two targets collide)."""
+    logs = [math.log(count_params(m, n_kind)) for m in models]
+    idx = sorted({min(range(len(models)), key=lambda i: abs(logs[i] - math.log(t))) for t in targets})
+    while len(idx) < min(len(targets), len(models)):
+        lo, hi = idx[0] - 1, idx[-1] + 1
+        # grow on the side whose next entry is closer to the requested range
+        if hi < len(models) and (lo < 0 or logs[hi] - math.log(targets[-1]) < math.log(targets[0]) - logs[lo]):
+            idx.append(hi)
+        else:
+            idx.insert(0, lo)
+        idx = sorted(set(i for i in idx if 0 <= i < len(models)))
+    return [models[i] for i in idx]
 
 
 def with_budget(cfg: ExperimentConfig, model: ModelConfig, tokens: int) -> ExperimentConfig:
@@ -122,18 +135,16 @@ def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_bu
     `spread` on each side of the D = 20 N guess (N* = sqrt(C / (6 * 20))), with
     D = C / flops_per_token(N) so every point spends C (up to rounding of the step count)."""
     require(budgets, "an IsoFLOP sweep needs at least one budget")
+    require(base.model.vocab_size > 0, "set model.vocab_size to the tokenizer's vocabulary (e.g. 257 for byte) so FLOPs are exact")
     require(sizes_per_budget >= 1, "sizes_per_budget must be >= 1")
     points = []
     tokens_per_step = base.data.batch_size * base.data.seq_len
     for b, budget in enumerate(sorted(budgets)):
         n_star = math.sqrt(budget / (6 * center_tokens_per_param))
         exps = [0.0] if sizes_per_budget == 1 else [-1 + 2 * k / (sizes_per_budget - 1) for k in range(sizes_per_budget)]
-        seen = set()
-        for k, e in enumerate(exps):
-            model = ladder_model(base.model, n_star * spread**e, rule, n_kind)
-            if (model.n_layers, model.d_model) in seen:
-                continue
-            seen.add((model.n_layers, model.d_model))
+        targets = [n_star * spread**e for e in exps]
+        models = _pick_sizes(ladder(base.model, rule, n_kind, max(targets) * 8), targets, n_kind)
+        for k, model in enumerate(models):
             fpt = flops_per_token(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, base.data.seq_len)), base.data.seq_len)
             tokens = budget / fpt
             if tokens / tokens_per_step < min_steps:

@@ -106,9 +106,23 @@ def logical_sharding(mesh: Mesh, rules, axes: Sequence[str | None]) -> NamedShar
 
 
 def tree_shardings(mesh: Mesh, rules, boxed_abstract_tree):
-    """NamedShardings for a tree of flax `LogicallyPartitioned` boxes (unboxed leaves: replicated)."""
+    """NamedShardings for a tree of flax `LogicallyPartitioned` boxes (unboxed leaves: replicated).
+
+    A dimension that its mesh axes do not divide (e.g. a vocabulary of 257 over tensor=2) stays
+    replicated rather than failing."""
     specs = nn.get_partition_spec(boxed_abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shapes = nn.meta.unbox(boxed_abstract_tree)
+    return jax.tree.map(lambda sh, x: _divisible(sh, x.shape, mesh), shardings, shapes)
+
+
+def _divisible(sharding: NamedSharding, shape, mesh: Mesh) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if names and shape[i] % math.prod(mesh.shape[a] for a in names):
+            spec[i] = None
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

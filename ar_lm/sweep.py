@@ -239,9 +239,14 @@ def _fit_and_holdout(sweep: Sweep, runner: SweepRunner, out: Path) -> None:
     print(fit_lib.format_report(result))
     if not sweep.holdout_budgets:
         return
+    if "approach3" not in result:
+        print("[holdout] skipped: the fit has no parametric law (approach 3) to check", file=sys.stderr)
+        return
     checks = []
+    sizes = [p.coords["N"] for p in sweep.points]
     for i, budget in enumerate(sweep.holdout_budgets):
-        n_opt = fit_lib.predict_optimal(result, budget)["N_opt"]
+        # the fitted optimum, kept within 2x of the sizes the sweep measured (no wild extrapolation)
+        n_opt = min(max(fit_lib.predict_optimal(result, budget)["N_opt"], min(sizes) / 2), max(sizes) * 2)
         point = compute_optimal_point(sweep.base, budget, n_opt, f"holdout{i}", sweep.rule, sweep.n_kind)
         runner.write_points([point])
         runner.run([point])

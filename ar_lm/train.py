@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,6 +41,41 @@ from ar_lm.sharding import data_parallel_size, logical_rules, logical_sharding, 
 
 class NonFiniteError(RuntimeError):
     """The loss or gradient norm became NaN/Inf (policy `stop`, or too many skips)."""
+
+
+class PreemptionGuard:
+    """On SIGTERM (what preemptible TPU VMs and Slurm send) or SIGINT: finish the current step,
+    checkpoint, and stop; a second signal exits at once (status 128 + signal). All processes of a
+    multi-host run stop at the same step: the flag is all-gathered before it is acted on."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+        print(f"\n[train] received {signal.Signals(signum).name}: checkpointing after this step "
+              "(send it again to abort at once)", file=sys.stderr, flush=True)
+
+    def __call__(self, step: int) -> bool:
+        flag = self.signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -210,13 +249,15 @@ def train(
 ) -> TrainResult:
     """Train (or resume) `cfg` in `run_dir`. `stop_after` ends the loop early after that many
     total steps (checkpointing there) without changing the schedule; `stop_requested(step)` is
-    polled after each step (preemption) and stops the same way."""
+    polled after each step (preemption, see `PreemptionGuard`) and stops the same way, with a
+    synchronous checkpoint."""
     run_dir = Path(run_dir).absolute()
     dataset = TokenDataset(cfg.data.path)
     cfg = prepare_config(cfg, dataset)
     check_parallelism(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with rundir.RunLock(run_dir):
+    # process 0 holds the run directory's lock for the whole multi-process run
+    with rundir.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
         if rundir.is_run_dir(run_dir):
             rundir.check_resume_compatible(run_dir, cfg)
         return _train_locked(cfg, run_dir, dataset, stop_after, stop_requested)
@@ -313,6 +354,7 @@ def _train_locked(cfg, run_dir, dataset, stop_after, stop_requested) -> TrainRes
                 _check_finite(cfg, *(int(x) for x in jax.device_get((state["bad_step"], state["skips"]))))
                 ckpt.save(done, state, data_iter.get_state())
             if stopping:
+                ckpt.wait()  # synchronous: the checkpoint is committed before we return
                 break
         flush_pending()
         ckpt.wait()
@@ -325,6 +367,7 @@ def _train_locked(cfg, run_dir, dataset, stop_after, stop_requested) -> TrainRes
         "step": final_step,
         "total_steps": total,
         "finished": final_step >= total,
+        "preempted": final_step < end,
         "params": counts["total"],
         "non_embedding_params": counts["non_embedding"],
         "flops_per_token": fpt,

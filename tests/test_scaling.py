@@ -10,7 +10,7 @@ from ar_lm import fit as F
 from ar_lm.config import ModelConfig
 from ar_lm.errors import UserError
 from ar_lm.model import flops_per_token, param_counts
-from ar_lm.scaling import ShapeRule, isoflop_sweep, ladder_model
+from ar_lm.scaling import ShapeRule, isoflop_sweep, ladder, ladder_model
 from conftest import tiny_config
 
 TRUE = {"E": 1.8, "A": 400.0, "B": 600.0, "alpha": 0.35, "beta": 0.30}
@@ -90,6 +90,7 @@ def test_approach1_envelope_picks_the_best_run():
 
 def test_isoflop_points_spend_their_budget():
     base = tiny_config(model={"vocab_size": 257, "max_seq_len": 64}, data={"seq_len": 64, "batch_size": 8})
+    assert len(isoflop_sweep(base, (1e11,), sizes_per_budget=4, spread=3.0)) == 4  # distinct sizes
     budgets = (3e10, 1e11, 3e11)
     points = isoflop_sweep(base, budgets, sizes_per_budget=4, spread=3.0, rule=ShapeRule(aspect=32, head_dim=16))
     assert len(points) >= 9
@@ -110,9 +111,14 @@ def test_budget_too_small_is_an_error():
 
 @pytest.mark.parametrize("target", [1e5, 1e6, 1e7, 1e8])
 def test_ladder_hits_target_size(target):
-    m = ladder_model(ModelConfig(vocab_size=1000), target, ShapeRule(aspect=64, head_dim=32))
-    assert param_counts(m)["non_embedding"] == pytest.approx(target, rel=0.35)
-    assert 32 <= m.d_model / m.n_layers <= 128 and m.d_model % 32 == 0
+    rule = ShapeRule(aspect=64, head_dim=32)
+    base = ModelConfig(vocab_size=1000)
+    m = ladder_model(base, target, rule)
+    assert m.d_model % 32 == 0 and m.n_layers == max(1, round(m.d_model / 64)) and m.n_heads == m.d_model // 32
+    sizes = [param_counts(x)["non_embedding"] for x in ladder(base, rule, max_params=target * 10)]
+    assert sizes == sorted(sizes)
+    best = min(sizes, key=lambda n: abs(math.log(n / target)))
+    assert param_counts(m)["non_embedding"] == best and best == pytest.approx(target, rel=0.6)
 
 
 def test_points_csv_validation(tmp_path):

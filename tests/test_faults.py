@@ -1,0 +1,149 @@
+"""Fault injection: kill -9 at random moments, SIGTERM, NaN losses, concurrent trainers."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ar_lm import rundir
+from ar_lm.checkpoint import Checkpointer
+from ar_lm.cli import main
+from ar_lm.config import save_json
+from ar_lm.errors import EXIT_PREEMPTED
+from ar_lm.train import NonFiniteError, abstract_params, train
+from ar_lm.sharding import logical_rules, make_mesh
+from conftest import tiny_config
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
+
+
+def _config_file(tmp_path, data, **train_fields):
+    cfg = tiny_config(data, train={"steps": 40, "checkpoint_every": 4, "async_checkpoint": True, **train_fields})
+    path = tmp_path / "exp.json"
+    save_json(cfg, path)
+    return cfg, path
+
+
+def _cmd(config_path, run_dir):
+    return [sys.executable, "-m", "ar_lm", "train", str(config_path), "--run-dir", str(run_dir)]
+
+
+def _train_losses(run_dir):
+    recs = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if r["split"] == "train"]
+
+
+def _final_params(run_dir):
+    cfg = rundir.load_run_config(run_dir)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
+    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+    params = ckpt.restore_params(ckpt.latest_step(), abstract_params(cfg, mesh, rules))
+    ckpt.close()
+    return jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, byte_data):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg, path = _config_file(tmp, byte_data)
+    subprocess.run(_cmd(path, tmp / "run"), env=ENV, check=True, capture_output=True)
+    return cfg, tmp / "run"
+
+
+def test_kill_9_at_random_moments_loses_nothing(tmp_path, byte_data, reference):
+    _, ref_run = reference
+    _, path = _config_file(tmp_path, byte_data)
+    run = tmp_path / "run"
+    rng = random.Random(1234)
+    kills, during_write = 0, 0
+    for attempt in range(4):
+        proc = subprocess.Popen(_cmd(path, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt == 0:
+            # aim at an async checkpoint write: kill as soon as orbax's temporary directory appears
+            deadline = time.time() + 60
+            while time.time() < deadline and proc.poll() is None:
+                if list((run / "checkpoints").glob("*tmp*")):
+                    break
+                time.sleep(0.001)
+            during_write += bool(list((run / "checkpoints").glob("*tmp*")))
+        else:
+            time.sleep(rng.uniform(3.0, 7.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 3 and during_write == 1
+    subprocess.run(_cmd(path, run), env=ENV, check=True, capture_output=True)
+    assert _train_losses(run) == _train_losses(ref_run)  # bitwise: same program, same device count
+    ref, got = _final_params(ref_run), _final_params(run)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, ref)
+
+
+def test_sigterm_checkpoints_and_resumes_identically(tmp_path, byte_data, reference):
+    _, ref_run = reference
+    _, path = _config_file(tmp_path, byte_data)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(path, run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(_train_losses(run) if (run / "metrics.jsonl").exists() else []) < 6:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["preempted"] and not summary["finished"]
+    ckpt = Checkpointer(run / "checkpoints", read_only=True)
+    assert ckpt.latest_step() == summary["step"] == _train_losses(run)[-1][0]  # a checkpoint at the stop step
+    ckpt.close()
+    subprocess.run(_cmd(path, run), env=ENV, check=True, capture_output=True)
+    assert _train_losses(run) == _train_losses(ref_run)
+
+
+def test_nan_skip_policy_recovers_and_logs(tmp_path, byte_data):
+    cfg = tiny_config(byte_data, train={"steps": 12, "nonfinite_policy": "skip", "debug_nan_steps": (5, 6)})
+    result = train(cfg, tmp_path / "run")
+    recs = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"}
+    assert recs[5]["skipped"] and recs[6]["skipped"] and not recs[7]["skipped"]
+    assert recs[12]["skipped_total"] == 2 and np.isfinite(recs[12]["loss"])
+    assert result.summary["finished"] and np.isfinite(result.summary["val_loss"])
+
+
+def test_nan_stop_policy_names_the_step_and_keeps_good_checkpoint(tmp_path, byte_data, capsys):
+    cfg = tiny_config(byte_data, train={"steps": 12, "checkpoint_every": 4, "debug_nan_steps": (7,)})
+    with pytest.raises(NonFiniteError, match="at step 7"):
+        train(cfg, tmp_path / "run")
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+    assert ckpt.latest_step() == 4
+    ckpt.close()
+    path = tmp_path / "exp.json"
+    save_json(cfg, path)
+    code = main(["train", str(path), "--run-dir", str(tmp_path / "run2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and "non-finite loss or gradient at step 7" in err[-1]
+
+
+def test_second_trainer_on_same_run_dir_is_refused(tmp_path, byte_data, capsys):
+    cfg = tiny_config(byte_data, train={"steps": 2})
+    path = tmp_path / "exp.json"
+    save_json(cfg, path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ar_lm.rundir import RunLock; "
+        f"l = RunLock({str(tmp_path / 'run')!r}).__enter__(); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        code = main(["train", str(path), "--run-dir", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and "is in use by another trainer" in err[-1] and str(holder.pid) in err[-1]
+        assert not (tmp_path / "run" / "config.json").exists()
+    finally:
+        holder.kill()
