@@ -182,16 +182,18 @@ def envelope(curves: list, n_grid: int = 40) -> dict:
 
 
 def approach1(curves: list) -> Optional[dict]:
+    """Power laws through the frontier, fitted where every run is past a third of its own
+    budget (early in training the frontier only reflects warmup, not model size)."""
     if len(curves) < 2:
         return None
     env = envelope(curves)
-    # the frontier only says something where it changes hands: use the last third of the C range
-    # where several model sizes compete, and require at least 2 distinct N
-    if len(set(env["N"].tolist())) < 2:
+    start = min(c[1][-1] for c in curves) / 3
+    fit = env["C"] >= start
+    if len(set(env["N"][fit].tolist())) < 2:
         return None
-    k_n, a = power_law(env["C"], env["N"])
-    d = env["C"] / (6 * env["N"])
-    k_d, b = power_law(env["C"], d)
+    k_n, a = power_law(env["C"][fit], env["N"][fit])
+    d = env["C"][fit] / (6 * env["N"][fit])
+    k_d, b = power_law(env["C"][fit], d)
     return {"a": a, "k_N": k_n, "b": b, "k_D": k_d, "envelope": {k: v.tolist() for k, v in env.items()}}
 
 

@@ -112,8 +112,10 @@ def tree_shardings(mesh: Mesh, rules, boxed_abstract_tree):
     replicated rather than failing."""
     specs = nn.get_partition_spec(boxed_abstract_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    shapes = nn.meta.unbox(boxed_abstract_tree)
-    return jax.tree.map(lambda sh, x: _divisible(sh, x.shape, mesh), shardings, shapes)
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    shapes = jax.tree.map(lambda x: x.value.shape if is_box(x) else x.shape, boxed_abstract_tree, is_leaf=is_box)
+    return jax.tree.map(lambda sh, shape: _divisible(sh, shape, mesh), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _divisible(sharding: NamedSharding, shape, mesh: Mesh) -> NamedSharding:

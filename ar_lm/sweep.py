@@ -100,11 +100,16 @@ class SweepRunner:
         return self.dir / "points" / f"{name}.json"
 
     def write_points(self, points) -> None:
-        listing = []
+        """Write each point's config and add (or update) it in sweep.json, keeping the others."""
+        try:
+            listing = json.loads((self.dir / "sweep.json").read_text())["points"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            listing = []
+        by_name = {entry["name"]: entry for entry in listing}
         for p in points:
             save_json(_point_config(p, self.sweep, self.data_dir), self.config_path(p.name))
-            listing.append({"name": p.name, "coords": p.coords, "config": str(self.config_path(p.name))})
-        atomic_write_json(self.dir / "sweep.json", {"name": self.sweep.name, "points": listing})
+            by_name[p.name] = {"name": p.name, "coords": p.coords, "config": str(self.config_path(p.name))}
+        atomic_write_json(self.dir / "sweep.json", {"name": self.sweep.name, "points": list(by_name.values())})
 
     def is_done(self, name: str) -> bool:
         summary = rundir.read_summary(self.run_dir(name))

@@ -30,7 +30,7 @@ RULE = ShapeRule(aspect=16, head_dim=8)
 
 def config():
     return ExperimentConfig(
-        name="mini", model=ModelConfig(max_seq_len=32), data=DataConfig(seq_len=32, batch_size=8, prefetch=0),
+        name="mini", model=ModelConfig(vocab_size=257, max_seq_len=32), data=DataConfig(seq_len=32, batch_size=8, prefetch=0),
         optim=OptimConfig(lr=3e-3), train=TrainConfig(eval_batches=1, log_every=5, checkpoint_every=10, async_checkpoint=False),
         mesh=MeshConfig(devices=1), logging=LoggingConfig(wandb=False, progress=False))
 
@@ -82,6 +82,8 @@ def test_sweep_failures_reruns_and_kill_resume(tmp_path, byte_data):
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
     assert {r["name"] for r in rows} == set(status) and all(r["val_loss"] for r in rows if r["name"] != "broken")
     assert "val loss" in out.stdout  # the printed table
+    listing = json.loads((sweep_dir / "sweep.json").read_text())["points"]
+    assert {p["name"] for p in listing} == set(status)
 
     # 3. re-run again: nothing to redo except the broken point
     mtimes = {n: (sweep_dir / "runs" / n / "summary.json").stat().st_mtime_ns for n in good}
