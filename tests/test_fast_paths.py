@@ -1,0 +1,53 @@
+"""Fast paths against the reference path, and the FLOP formula against XLA's own count.
+
+(Attention implementations, scan/unrolled layers and remat policies are compared in test_model.py.)
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ar_lm import model as M
+from ar_lm.config import ExperimentConfig, ModelConfig
+from ar_lm.train import loss_fn
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_flop_formula_matches_compiled_hlo_count(family):
+    cfg = ModelConfig(family=family, vocab_size=512, d_model=128, n_layers=2, n_heads=4,
+                      n_kv_heads=2 if family == "llama" else 0, max_seq_len=128, scan_layers=False)
+    b, l = 4, 128
+    params = M.init_params_jit(cfg, jax.random.key(0))
+    step = jax.jit(jax.value_and_grad(lambda p, x: loss_fn(p, x, ExperimentConfig(model=cfg))[0]))
+    cost = step.lower(params, jnp.zeros((b, l + 1), jnp.int32)).compile().cost_analysis()
+    hlo = (cost if isinstance(cost, dict) else cost[0])["flops"]
+    ours = M.flops_per_token(cfg, l) * b * l
+    # XLA computes the whole masked L x L score matrix, which the formula (causal, counted once)
+    # does not; add the other triangle back, then the rest is elementwise work: within 0-6%
+    square = ours + 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (l - 1) * b * l
+    assert 1.0 <= hlo / square <= 1.06, hlo / square
+
+
+def test_bf16_compute_matches_f32_within_bf16_precision():
+    f32 = ModelConfig(family="llama", vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=32,
+                      compute_dtype="float32")
+    bf16 = dataclasses.replace(f32, compute_dtype="bfloat16")
+    params = M.init_params_jit(f32, jax.random.key(0))
+    x = jax.random.randint(jax.random.key(1), (4, 33), 0, 128)
+    grad = lambda c: jax.jit(jax.value_and_grad(lambda p: loss_fn(p, x, ExperimentConfig(model=c))[0]))(params)  # noqa: E731
+    (l32, g32), (l16, g16) = grad(f32), grad(bf16)
+    assert float(l16) == pytest.approx(float(l32), rel=1e-2)  # bf16 has an 8-bit mantissa
+    cos = lambda a, b: float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))  # noqa: E731
+    flat32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g32)])
+    flat16 = jnp.concatenate([g.astype(jnp.float32).ravel() for g in jax.tree.leaves(g16)])
+    assert cos(flat16, flat32) > 0.99
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # params (and grads) stay float32
+
+
+def test_auto_policies_pick_the_cpu_fast_path():
+    cfg = ModelConfig()
+    assert jax.default_backend() == "cpu"
+    assert M.resolve_compute_dtype(cfg) == jnp.float32 and M.resolve_attention(cfg) == "xla"
