@@ -201,6 +201,19 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
     )
 
 
+def compile_train_step(cfg: ExperimentConfig):
+    """Compile the train step for `cfg` without creating any arrays (for memory and cost
+    analysis): returns (compiled step, abstract state with its shardings)."""
+    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+    shardings = state_shardings(cfg, tx, mesh, rules)
+    state = abstract_state(cfg, tx, shardings)
+    batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
+    batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), np.int32, sharding=batch_sh)
+    with mesh_context(mesh, rules):
+        return make_train_step(cfg, tx, schedule, shardings, batch_sh).lower(state, batch).compile(), state
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 

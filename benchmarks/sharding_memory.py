@@ -20,9 +20,7 @@ import numpy as np  # noqa: E402
 
 from ar_lm.config import DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig  # noqa: E402
 from ar_lm.model import param_counts  # noqa: E402
-from ar_lm.optimizer import make_optimizer  # noqa: E402
-from ar_lm.sharding import logical_rules, logical_sharding, make_mesh  # noqa: E402
-from ar_lm.train import abstract_state, make_train_step, mesh_context, state_shardings  # noqa: E402
+from ar_lm.train import compile_train_step  # noqa: E402
 
 PRESETS = {
     "dp (data=8)": MeshConfig(data=8, rules="dp"),
@@ -48,14 +46,8 @@ def per_device_bytes(tree) -> int:
 
 def measure(model: ModelConfig, mesh_cfg: MeshConfig) -> dict:
     cfg = ExperimentConfig(model=model, data=DataConfig(seq_len=256, batch_size=16), optim=OptimConfig(), mesh=mesh_cfg)
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
-    tx, schedule = make_optimizer(cfg.optim, 100)
-    shardings = state_shardings(cfg, tx, mesh, rules)
-    state = abstract_state(cfg, tx, shardings)
-    batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
-    batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), np.int32, sharding=batch_sh)
-    with mesh_context(mesh, rules):
-        mem = make_train_step(cfg, tx, schedule, shardings, batch_sh).lower(state, batch).compile().memory_analysis()
+    compiled, state = compile_train_step(cfg)
+    mem = compiled.memory_analysis()
     return {"params_mb": per_device_bytes(state["params"]) / 2**20,
             "optimizer_mb": per_device_bytes(state["opt_state"]) / 2**20,
             "temporaries_mb": mem.temp_size_in_bytes / 2**20,

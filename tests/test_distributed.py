@@ -16,9 +16,7 @@ from ar_lm.config import MeshConfig, save_json
 from ar_lm.distributed import initialize
 from ar_lm.errors import UserError
 from ar_lm.launch import slurm_script, tpu_commands
-from ar_lm.optimizer import make_optimizer
-from ar_lm.sharding import logical_rules, logical_sharding, make_mesh
-from ar_lm.train import make_train_step, mesh_context, state_shardings, train
+from ar_lm.train import compile_train_step, train
 from conftest import tiny_config
 
 
@@ -58,16 +56,7 @@ def test_restore_onto_another_mesh(tmp_path, byte_data, first, second):
 
 
 def _argument_bytes_per_device(cfg):
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
-    tx, schedule = make_optimizer(cfg.optim, 10)
-    shardings = state_shardings(cfg, tx, mesh, rules)
-    from ar_lm.train import abstract_state
-
-    state = abstract_state(cfg, tx, shardings)
-    batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
-    batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), np.int32, sharding=batch_sh)
-    with mesh_context(mesh, rules):
-        compiled = make_train_step(cfg, tx, schedule, shardings, batch_sh).lower(state, batch).compile()
+    compiled, _ = compile_train_step(cfg)
     return compiled.memory_analysis().argument_size_in_bytes
 
 
