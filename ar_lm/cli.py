@@ -87,6 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_launch_parser(sub)
 
+    p = sub.add_parser("generate", help="generate text from a run's latest checkpoint (streamed)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True, help="text to continue (starts a new document)")
+    p.add_argument("--max-new-tokens", type=int, help="default: 64, or what fits in the context")
+    p.add_argument("--temperature", type=float, help="default 1 (the model's distribution); 0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with mass >= P (0 < P <= 1)")
+    p.add_argument("--min-p", type=float, help="keep tokens with p >= M * p_max")
+    p.add_argument("--beams", type=int, default=1, help="beam search with B beams; prints the n-best list")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="beam search GNMT alpha")
+    p.add_argument("--draft", help="draft RUN_DIR (same tokenizer) for speculative decoding")
+    p.add_argument("--draft-tokens", type=int, default=4, help="speculative: tokens proposed per target pass")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (not streamed when > 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON with tokens and log-probs instead of text")
+    _add_common(p)
+
+    p = sub.add_parser("import-hf", help="import a Hugging Face GPT-2 / Llama directory as an ar_lm run")
+    p.add_argument("hf_dir")
+    p.add_argument("run_dir")
+    _add_common(p)
+
+    p = sub.add_parser("export-hf", help="export a run as a Hugging Face directory (config.json + safetensors)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    _add_common(p)
+
     p = sub.add_parser("config", help="print an experiment's resolved config as JSON")
     p.add_argument("experiment")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -200,6 +227,28 @@ def cmd_launch(args) -> int:
     return run(args)
 
 
+def cmd_generate(args) -> int:
+    from ar_lm.decode import generate_command
+
+    return generate_command(args)
+
+
+def cmd_import_hf(args) -> int:
+    from ar_lm.hf import import_hf
+
+    result = import_hf(args.hf_dir, args.run_dir)
+    print(json.dumps(result))
+    print(f"[import-hf] {result['note']}", file=sys.stderr)  # says when the run has no text tokenizer
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from ar_lm.hf import export_hf
+
+    print(json.dumps(export_hf(args.run_dir, args.out_dir)))
+    return 0
+
+
 def cmd_config(args) -> int:
     from ar_lm.config import to_dict
 
@@ -208,7 +257,8 @@ def cmd_config(args) -> int:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "fit": cmd_fit,
-            "compare": cmd_compare, "launch": cmd_launch, "config": cmd_config}
+            "compare": cmd_compare, "launch": cmd_launch, "import-hf": cmd_import_hf,
+            "export-hf": cmd_export_hf, "config": cmd_config, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,7 +128,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, layer_cache, kv_pos_BxS, cache_index):
+    def __call__(self, x_BxLxD, positions_BxL, cache, layer, kv_pos_BxS, cache_index):
         cfg = self.cfg
         dtype = resolve_compute_dtype(cfg)
         pdt = jnp.dtype(cfg.param_dtype)
@@ -156,20 +156,20 @@ class Attention(nn.Module):
             k_BxLxKxDh = rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
         q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ("batch", "length", "heads", "head_dim"))
 
-        if layer_cache is None:
+        if cache is None:
             k_BxSxKxDh, v_BxSxKxDh, kv_pos_BxS, new_cache = k_BxLxKxDh, v_BxLxKxDh, positions_BxL, None
-        else:  # write this chunk into the cache at slot `cache_index`, attend over the whole cache
+        else:  # write the chunk into slice `layer` of the whole cache at slot `cache_index` (in place, a carry)
             zero = jnp.zeros((), jnp.int32)
-            start = (zero, cache_index, zero, zero)
-            k_BxSxKxDh = jax.lax.dynamic_update_slice(layer_cache["k"], k_BxLxKxDh.astype(layer_cache["k"].dtype), start)
-            v_BxSxKxDh = jax.lax.dynamic_update_slice(layer_cache["v"], v_BxLxKxDh.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": k_BxSxKxDh, "v": v_BxSxKxDh}
-            k_BxSxKxDh, v_BxSxKxDh = k_BxSxKxDh.astype(dtype), v_BxSxKxDh.astype(dtype)
+            start = (jnp.asarray(layer, jnp.int32), zero, cache_index, zero, zero)
+            new_cache = {n: jax.lax.dynamic_update_slice(cache[n], new[None].astype(cache[n].dtype), start)
+                         for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
+            k_BxSxKxDh, v_BxSxKxDh = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dtype)
+                                      for n in ("k", "v"))
 
         mask_BxLxS = attention_mask(positions_BxL, kv_pos_BxS)
         if resolve_attention(cfg) == "dot_product":
             out_BxLxHxDh = dot_product_attention(
-                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, causal=layer_cache is None
+                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, causal=cache is None
             )
         else:
             out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS)
@@ -220,14 +220,15 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, layer_cache, positions_BxL, kv_pos_BxS, cache_index):
-        h, new_cache = Attention(self.cfg, name="attn")(
-            make_norm(self.cfg, "attn_norm")(x_BxLxD), positions_BxL, layer_cache, kv_pos_BxS, cache_index
+    def __call__(self, carry, layer, positions_BxL, kv_pos_BxS, cache_index):
+        x_BxLxD, cache = carry  # the whole cache (or None); this block owns its slice `layer`
+        h, cache = Attention(self.cfg, name="attn")(
+            make_norm(self.cfg, "attn_norm")(x_BxLxD), positions_BxL, cache, layer, kv_pos_BxS, cache_index
         )
         x_BxLxD = x_BxLxD + h
         x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x_BxLxD))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-        return x_BxLxD, new_cache
+        return (x_BxLxD, cache), None
 
 
 def _remat_block(cfg: ModelConfig):
@@ -290,16 +291,15 @@ class Transformer(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x_BxLxD, new_cache = layers(x_BxLxD, cache, positions_BxL, kv_positions_BxS, cache_index)
+            (x_BxLxD, new_cache), _ = layers(
+                (x_BxLxD, cache), jnp.arange(cfg.n_layers), positions_BxL, kv_positions_BxS, cache_index
+            )
         else:
-            per_layer = []
+            new_cache = cache
             for i in range(cfg.n_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-                x_BxLxD, c = block(cfg, name=f"layer_{i}")(
-                    x_BxLxD, layer_cache, positions_BxL, kv_positions_BxS, cache_index
+                (x_BxLxD, new_cache), _ = block(cfg, name=f"layer_{i}")(
+                    (x_BxLxD, new_cache), i, positions_BxL, kv_positions_BxS, cache_index
                 )
-                per_layer.append(c)
-            new_cache = None if cache is None else jax.tree.map(lambda *cs: jnp.stack(cs), *per_layer)
 
         x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
