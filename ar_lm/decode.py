@@ -44,7 +44,7 @@ import numpy as np
 
 from ar_lm import model as model_lib
 from ar_lm.config import ModelConfig
-from ar_lm.errors import UserError, require
+from ar_lm.errors import require
 
 Array = jax.Array
 
@@ -689,9 +689,8 @@ def decode_mesh(run_dir: str | Path):
 def load_run(run_dir: str | Path, mesh=None, rules=None) -> LoadedRun:
     """The model config and tokenizer of a run, and with a mesh its latest-checkpoint parameters placed on it."""
     from ar_lm import rundir
-    from ar_lm.checkpoint import Checkpointer
     from ar_lm.tokenizer import load_tokenizer
-    from ar_lm.train import abstract_params, mesh_context
+    from ar_lm.train import restore_latest_params
 
     run_dir = Path(run_dir).absolute()
     cfg = rundir.load_run_config(run_dir)
@@ -704,16 +703,7 @@ def load_run(run_dir: str | Path, mesh=None, rules=None) -> LoadedRun:
             f"run {run_dir} has a tokenizer of {tokenizer.vocab_size} tokens but a model of {cfg.model.vocab_size}")
     if mesh is None:
         return LoadedRun(cfg.model, None, tokenizer, tok_meta)
-    ckpt_dir = run_dir / rundir.CHECKPOINTS
-    require(ckpt_dir.is_dir(), f"run directory {run_dir} has no checkpoints yet: train it first")
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise UserError(f"run directory {run_dir} has no complete checkpoint yet: train it first")
-    with mesh_context(mesh, rules):
-        params = ckpt.restore_params(step, abstract_params(cfg, mesh, rules))
-    ckpt.close()
+    _, params = restore_latest_params(run_dir, cfg, mesh, rules)
     return LoadedRun(cfg.model, params, tokenizer, tok_meta)
 
 

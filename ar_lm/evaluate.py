@@ -54,12 +54,11 @@ def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sharding, token_b
 def evaluate_run(run_dir: str | Path, data_dir: Optional[str | Path] = None, max_batches: Optional[int] = None) -> dict:
     """`ar-lm eval`: the latest checkpoint of `run_dir` on the val split of its (or another) dataset."""
     from ar_lm import rundir
-    from ar_lm.checkpoint import Checkpointer
     from ar_lm.data import TokenDataset
-    from ar_lm.errors import UserError, require
+    from ar_lm.errors import require
     from ar_lm.pipeline import eval_batches
     from ar_lm.sharding import logical_rules, logical_sharding, make_mesh
-    from ar_lm.train import abstract_params, mesh_context, param_shardings
+    from ar_lm.train import mesh_context, param_shardings, restore_latest_params
 
     run_dir = Path(run_dir).absolute()
     cfg = rundir.load_run_config(run_dir)
@@ -69,20 +68,12 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str | Path] = None, max
         f"dataset {dataset.path} has {dataset.vocab_size} tokens but the run's model has {cfg.model.vocab_size}: "
         "evaluate on data made with the run's tokenizer",
     )
-    ckpt_dir = run_dir / rundir.CHECKPOINTS
-    require(ckpt_dir.is_dir(), f"run directory {run_dir} has no checkpoints yet")
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise UserError(f"run directory {run_dir} has no complete checkpoint yet")
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
-    with mesh_context(mesh, rules):
-        params = ckpt.restore_params(step, abstract_params(cfg, mesh, rules))
+    step, params = restore_latest_params(run_dir, cfg, mesh, rules)
     batch_sharding = logical_sharding(mesh, rules, ("batch", "length"))
     eval_fn = make_eval_step(cfg, param_shardings(cfg, mesh, rules), batch_sharding)
     n = cfg.train.eval_batches if max_batches is None else max_batches
     batches = eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, n, "val", jax.process_index(), jax.process_count())
     with mesh_context(mesh, rules):
         result = evaluate(eval_fn, params, batches, batch_sharding, jnp.asarray(dataset.token_bytes()))
-    ckpt.close()
     return {"run_dir": str(run_dir), "step": step, "data": str(dataset.path), **result}

@@ -382,24 +382,14 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
 
 def load_run_params(run_dir: str | Path) -> tuple[ExperimentConfig, int, dict]:
     """(config, step, params as numpy) of a run's latest checkpoint, restored on one device."""
-    from ar_lm.checkpoint import Checkpointer
     from ar_lm.sharding import logical_rules, make_mesh
-    from ar_lm.train import abstract_params, mesh_context
+    from ar_lm.train import restore_latest_params
 
     run_dir = Path(run_dir).absolute()
     cfg = rundir.load_run_config(run_dir)
-    ckpt_dir = run_dir / rundir.CHECKPOINTS
-    require(ckpt_dir.is_dir(), f"run directory {run_dir} has no checkpoints yet: train it first")
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise UserError(f"run directory {run_dir} has no complete checkpoint yet: train it first")
     one_device = dataclasses.replace(cfg, mesh=MeshConfig(devices=1))
     mesh, rules = make_mesh(one_device.mesh), logical_rules(one_device.mesh)
-    with mesh_context(mesh, rules):
-        params = ckpt.restore_params(step, abstract_params(one_device, mesh, rules))
-    ckpt.close()
+    step, params = restore_latest_params(run_dir, one_device, mesh, rules)
     return cfg, step, jax.device_get(params)
 
 

@@ -102,6 +102,21 @@ def abstract_params(cfg: ExperimentConfig, mesh, rules):
     )
 
 
+def restore_latest_params(run_dir: Path, cfg: ExperimentConfig, mesh, rules) -> tuple[int, Any]:
+    """(step, params) of `run_dir`'s latest complete checkpoint, placed on `mesh` by `rules`."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / rundir.CHECKPOINTS
+    require(ckpt_dir.is_dir(), f"run directory {run_dir} has no checkpoints yet: train it first")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        step = ckpt.latest_step()
+        require(step is not None, f"run directory {run_dir} has no complete checkpoint yet: train it first")
+        with mesh_context(mesh, rules):
+            return step, ckpt.restore_params(step, abstract_params(cfg, mesh, rules))
+    finally:
+        ckpt.close()
+
+
 def state_shardings(cfg: ExperimentConfig, tx: optax.GradientTransformation, mesh, rules):
     p_sh = param_shardings(cfg, mesh, rules)
     p_shapes = jax.eval_shape(functools.partial(model_lib.init_params, cfg.model), jax.random.key(0))
