@@ -44,7 +44,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto -> float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
-    remat: str = "none"  # none | full | dots (save matmul outputs)
+    remat: str = "auto"  # auto | none | full | dots (save matmul outputs); auto: dots on CPU with scan, else none
     attention: str = "auto"  # auto | xla (hand-written masked softmax) | dot_product (jax.nn)
 
     @property
@@ -122,6 +122,7 @@ class MeshConfig:
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     devices: int = 0  # use the first N devices (0: all)
+    cpu_devices: int = 0  # host-platform devices for `ar-lm train` on CPU (0: auto, see distributed.py)
     rules: str = "fsdp_tp"
     rule_overrides: tuple[str, ...] = ()
 
@@ -175,7 +176,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads}: use a divisor of n_heads",
     )
     require(m.family == "gpt2" or m.head_dim % 2 == 0, f"llama needs an even head_dim (RoPE), got {m.head_dim}")
-    require(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r} is unknown: use none, full or dots")
+    require(m.remat in ("auto", "none", "full", "dots"),
+            f"model.remat={m.remat!r} is unknown: use auto, none, full or dots")
     require(
         m.attention in ("auto", "xla", "dot_product"),
         f"model.attention={m.attention!r} is unknown: use auto, xla or dot_product",
@@ -190,6 +192,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len",
     )
     require(o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}")
+    require(cfg.mesh.cpu_devices >= 0, f"mesh.cpu_devices must be >= 0 (0: auto), got {cfg.mesh.cpu_devices}")
     require(
         d.batch_size % o.grad_accum == 0,
         f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}",

@@ -10,6 +10,7 @@ jax's default five minutes.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -63,6 +64,44 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     finally:
         watchdog.cancel()
     return True
+
+
+def multi_process_requested(coordinator: Optional[str] = None) -> bool:
+    return bool(coordinator or os.environ.get("AR_LM_COORDINATOR") or _on_tpu_pod() or _under_slurm())
+
+
+def configure_cpu_devices(mesh, micro_batch: int, max_auto: int = 8) -> Optional[int]:
+    """Split the CPU into host-platform devices (data parallel across them) before JAX starts;
+    returns the count set, or None where it is not ours to set.
+
+    `mesh.cpu_devices` > 0 is taken as given. 0 (auto): `mesh.devices` if set; the product of the
+    mesh sizes if none is -1; else one device per core (at most `max_auto`) that the fixed mesh
+    sizes and the micro-batch divide. On the 2-core CPU here two devices, the batch split between
+    them, beat one device whose every op is split over both cores: nanoGPT CPU config 41 -> 36
+    ms/step, 6-layer/384 1,162 -> 1,090 ms. Left alone when JAX_NUM_CPU_DEVICES or
+    --xla_force_host_platform_device_count is set (the local launcher sets it) and once JAX has
+    started its backends. A machine with accelerators ignores the host-platform count.
+    """
+    from jax._src import xla_bridge
+
+    if ("JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or xla_bridge.backends_are_initialized() or jax.config.jax_num_cpu_devices != -1):
+        return None
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    fixed = math.prod(s for s in sizes if s != -1)
+    if mesh.cpu_devices:
+        n = mesh.cpu_devices
+    elif mesh.devices:
+        n = mesh.devices
+    elif -1 not in sizes:
+        n = fixed
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        fits = [d for d in range(1, max(cores, fixed) + 1)
+                if d % fixed == 0 and micro_batch % d == 0 and (d <= max_auto or d == fixed)]
+        n = max(fits, default=fixed)
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
 
 
 def _give_up(message: str) -> None:

@@ -30,7 +30,8 @@ def make_eval_step(cfg: ExperimentConfig, param_shardings, batch_sharding):
             "bytes": jnp.sum(token_bytes_V[targets_BxL]).astype(jnp.float32),
         }
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, None))
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, None),
+                   compiler_options=model_lib.cpu_compiler_options(1))
 
 
 def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sharding, token_bytes) -> dict:

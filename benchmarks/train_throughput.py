@@ -1,9 +1,10 @@
 """Training throughput: ar_lm against a PyTorch reference, measured in the same run.
 
     python benchmarks/train_throughput.py [--configs nanogpt_cpu,gpt_6l_384,gpt_50m] [--json out.json]
-                                          [--peak-flops F] [--cpu-devices N] [--no-torch]
+                                          [--peak-flops F] [--cpu-devices N] [--set KEY=VALUE] [--no-torch]
 
-For each config: steady-state ms/step, tokens/s, MFU, compile time, time to first step and peak
+For each config: steady-state ms/step, tokens/s, MFU, compile time, time to first step (from a
+cold start, and again in a new process with JAX's persistent compilation cache warm) and peak
 host memory, for ar_lm (jitted train step, AdamW) and for `transformers`' GPT2LMHeadModel trained
 with torch.optim.AdamW (torch threads = cores) on the same shapes and the same random tokens;
 then the ratio. Each measurement runs in its own process (clean peak-memory figures).
@@ -21,6 +22,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 CONFIGS = {
@@ -43,25 +45,28 @@ def _tokens(c, n_batches, seed=0):
     return rng.integers(0, c["vocab"], (n_batches, c["batch"], c["seq_len"] + 1), dtype=np.int32)
 
 
-def jax_worker(c: dict, cpu_devices: int) -> dict:
+def jax_worker(c: dict, cpu_devices: int, overrides: list[str], first_step_only: bool = False) -> dict:
     t_start = time.perf_counter()
     import jax
 
-    if cpu_devices > 1:
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
-    from ar_lm.config import DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig
-    from ar_lm.model import flops_per_token, param_counts
-    from ar_lm.optimizer import make_optimizer
-    from ar_lm.sharding import logical_rules, logical_sharding, make_mesh
-    from ar_lm.train import init_state, make_train_step, mesh_context, state_shardings
+    from ar_lm.cli import enable_compilation_cache
+    from ar_lm.config import DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig, apply_overrides
+    from ar_lm.distributed import configure_cpu_devices
 
-    cfg = ExperimentConfig(
+    cfg = apply_overrides(ExperimentConfig(
         model=ModelConfig(family="gpt2", vocab_size=c["vocab"], d_model=c["d_model"], n_layers=c["n_layers"],
                           n_heads=c["n_heads"], max_seq_len=c["seq_len"]),
         data=DataConfig(seq_len=c["seq_len"], batch_size=c["batch"]),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
-        mesh=MeshConfig(data=-1, rules="dp"),
-    )
+        mesh=MeshConfig(data=-1, rules="dp", cpu_devices=cpu_devices),
+    ), overrides)
+    configure_cpu_devices(cfg.mesh, cfg.data.batch_size)  # as `ar-lm train` does (0: auto)
+    enable_compilation_cache()  # the directory the parent gave this config (cold, then warm)
+    from ar_lm.model import flops_per_token, param_counts, resolve_remat
+    from ar_lm.optimizer import make_optimizer
+    from ar_lm.sharding import logical_rules, logical_sharding, make_mesh
+    from ar_lm.train import init_state, make_train_step, mesh_context, state_shardings
+
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
     tx, schedule = make_optimizer(cfg.optim, 1000)
     shardings = state_shardings(cfg, tx, mesh, rules)
@@ -77,6 +82,8 @@ def jax_worker(c: dict, cpu_devices: int) -> dict:
         state, m = compiled(state, batches[0])
         jax.block_until_ready(m)
         first_step_s = time.perf_counter() - t_start
+        if first_step_only:
+            return {"compile_s": compile_s, "time_to_first_step_s": first_step_s}
         for b in batches[1:WARMUP]:
             state, m = compiled(state, b)
         jax.block_until_ready(m)
@@ -87,6 +94,7 @@ def jax_worker(c: dict, cpu_devices: int) -> dict:
         elapsed = time.perf_counter() - t0
     return {"ms_per_step": 1000 * elapsed / c["steps"], "compile_s": compile_s, "time_to_first_step_s": first_step_s,
             "peak_rss_mb": _peak_rss_mb(), "loss": float(m["loss"]), "devices": jax.device_count(),
+            "remat": resolve_remat(cfg.model), "scan_layers": cfg.model.scan_layers,
             "params": param_counts(cfg.model)["total"], "flops_per_token": flops_per_token(cfg.model, c["seq_len"])}
 
 
@@ -125,9 +133,14 @@ def torch_worker(c: dict) -> dict:
             "peak_rss_mb": _peak_rss_mb(), "loss": float(loss), "threads": torch.get_num_threads()}
 
 
-def _run_worker(kind: str, name: str, cpu_devices: int) -> dict:
+def _run_worker(kind: str, name: str, cpu_devices: int, overrides=(), cache_dir: str = "",
+                first_step_only: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--configs", name, "--cpu-devices", str(cpu_devices)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")})
+    cmd += [f"--set={o}" for o in overrides]
+    cmd += ["--first-step-only"] if first_step_only else []
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "JAX_COMPILATION_CACHE_DIR": cache_dir,
+           "AR_LM_COMPILE_CACHE": "off"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{kind} worker for {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,30 +151,39 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s of the machine (default: measured)")
-    ap.add_argument("--cpu-devices", type=int, default=1, help="host-platform devices for ar_lm (data parallel)")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="host-platform devices for ar_lm, data parallel (default 0: auto, as `ar-lm train`)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for ar_lm, e.g. model.remat=none (repeatable)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     names = args.configs.split(",")
     if args.worker:
         c = CONFIGS[names[0]]
-        print(json.dumps(jax_worker(c, args.cpu_devices) if args.worker == "jax" else torch_worker(c)))
+        print(json.dumps(jax_worker(c, args.cpu_devices, args.set, args.first_step_only) if args.worker == "jax"
+                         else torch_worker(c)))
         return
 
     from ar_lm.metrics import measure_matmul_peak
 
     peak = args.peak_flops or measure_matmul_peak(2048)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores", "peak_flops": peak, "cpu_devices": args.cpu_devices, "configs": {}}
+               f"{os.cpu_count()} cores", "peak_flops": peak, "overrides": args.set, "configs": {}}
     print(f"peak (measured float32 matmul): {peak / 1e9:.0f} GFLOP/s, {os.cpu_count()} cores")
     head = (f"{'config':<12} {'impl':<8} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9} "
-            f"{'1st step s':>10} {'peak MB':>8} {'loss':>7}")
+            f"{'1st step s':>10} {'warm 1st':>8} {'peak MB':>8} {'loss':>7}")
     print(head)
     print("-" * len(head))
     for name in names:
         c = CONFIGS[name]
         tokens = c["batch"] * c["seq_len"]
-        row = {"jax": _run_worker("jax", name, args.cpu_devices)}
+        with tempfile.TemporaryDirectory() as cache:  # a fresh compilation cache: cold, then warm
+            row = {"jax": _run_worker("jax", name, args.cpu_devices, args.set, cache)}
+            warm = _run_worker("jax", name, args.cpu_devices, args.set, cache, first_step_only=True)
+        row["jax"]["time_to_first_step_warm_s"] = warm["time_to_first_step_s"]
+        row["jax"]["compile_warm_s"] = warm["compile_s"]
         if not args.no_torch:
             row["torch"] = _run_worker("torch", name, 1)
         fpt = row["jax"]["flops_per_token"]
@@ -170,11 +192,13 @@ def main() -> None:
             r["mfu"] = r["tokens_per_s"] * fpt / peak
             print(f"{name:<12} {'ar_lm' if impl == 'jax' else 'pytorch':<8} {r['ms_per_step']:>9.1f} "
                   f"{r['tokens_per_s']:>10,.0f} {100 * r['mfu']:>5.1f}% {r['compile_s']:>9.2f} "
-                  f"{r['time_to_first_step_s']:>10.2f} {r['peak_rss_mb']:>8.0f} {r['loss']:>7.3f}")
+                  f"{r['time_to_first_step_s']:>10.2f} {r.get('time_to_first_step_warm_s', float('nan')):>8.2f} "
+                  f"{r['peak_rss_mb']:>8.0f} {r['loss']:>7.3f}")
         if "torch" in row:
             row["ratio_tokens_per_s"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
             print(f"{name:<12} ratio ar_lm / pytorch tokens/s: {row['ratio_tokens_per_s']:.2f}x "
-                  f"({row['jax']['params'] / 1e6:.1f}M params)")
+                  f"({row['jax']['params'] / 1e6:.1f}M params; ar_lm on {row['jax']['devices']} host devices, "
+                  f"remat={row['jax']['remat']}, scan_layers={row['jax']['scan_layers']})")
         results["configs"][name] = row
     if args.json:
         with open(args.json, "w") as f:

@@ -1,9 +1,16 @@
 """Test setup: 8 fake CPU devices (before the first JAX op), wandb off, small shared datasets."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# the CLI's persistent compilation cache goes to a per-process temporary directory, not ~/.cache
+_jax_cache = tempfile.mkdtemp(prefix="ar_lm_test_jax_cache_")
+atexit.register(shutil.rmtree, _jax_cache, True)
+os.environ.setdefault("AR_LM_COMPILE_CACHE", _jax_cache)
 
 import jax  # noqa: E402
 

@@ -39,7 +39,9 @@ def trained_run(tmp_path_factory, byte_data):
 
 
 def test_end_to_end_subprocess(tmp_path, corpus_dir):
-    env = {**os.environ, "WANDB_MODE": "offline", "XLA_FLAGS": ""}
+    cache = tmp_path / "jax_cache"
+    env = {**os.environ, "WANDB_MODE": "offline", "XLA_FLAGS": "", "AR_LM_COMPILE_CACHE": str(cache)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "ar_lm", "prepare", "--source", "files", "--files", str(corpus_dir),
                     "--tokenizer", "sentencepiece", "--vocab-size", "320", "--out", str(data)], check=True, env=env)
@@ -54,6 +56,7 @@ def test_end_to_end_subprocess(tmp_path, corpus_dir):
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run files"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
+    assert list(cache.iterdir()), "the persistent compilation cache holds the compiled train step"
     ev = subprocess.run([sys.executable, "-m", "ar_lm", "eval", str(run)], check=True, env=env,
                         capture_output=True, text=True)
     result = json.loads(ev.stdout)

@@ -109,3 +109,34 @@ def test_partial_multiprocess_flags_are_refused():
         initialize("127.0.0.1:1234", None, None)
     with pytest.raises(UserError, match="outside"):
         initialize("127.0.0.1:1234", 2, 5)
+
+
+def _devices_after_configure(mesh_kwargs: dict, micro_batch: int, env: dict | None = None, init_first: bool = False):
+    """Run `configure_cpu_devices` in a fresh process (it must act before JAX starts)."""
+    code = (
+        "import json, jax\n"
+        "from ar_lm.config import MeshConfig\n"
+        "from ar_lm.distributed import configure_cpu_devices\n"
+        + ("jax.numpy.zeros(1)\n" if init_first else "")
+        + f"n = configure_cpu_devices(MeshConfig(**{mesh_kwargs!r}), {micro_batch})\n"
+        "print(json.dumps([n, jax.device_count()]))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, "JAX_PLATFORMS": "cpu", **(env or {})},
+                         capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_cpu_devices_auto_and_explicit():
+    # auto: one device per core (at most 8) that divides the micro-batch
+    n, count = _devices_after_configure({}, micro_batch=12)
+    cores = len(os.sched_getaffinity(0))
+    assert n == count and 1 <= n <= min(8, max(cores, 1)) and 12 % n == 0
+    assert n == max(d for d in range(1, min(cores, 8) + 1) if 12 % d == 0)
+    assert _devices_after_configure({}, micro_batch=1) == (1, 1)  # a batch of one is not split
+    assert _devices_after_configure({"cpu_devices": 3}, micro_batch=12) == (3, 3)  # explicit
+    assert _devices_after_configure({"data": 2, "fsdp": 2}, micro_batch=1) == (4, 4)  # a fixed mesh gets its size
+    assert _devices_after_configure({"devices": 5}, micro_batch=12) == (5, 5)
+    # not ours to set: the launcher's environment, or JAX already started
+    assert _devices_after_configure({"cpu_devices": 3}, 12, env={"JAX_NUM_CPU_DEVICES": "6"}) == (None, 6)
+    assert _devices_after_configure({"cpu_devices": 3}, 12, init_first=True) == (None, 1)

@@ -41,6 +41,13 @@ def _train_losses(run_dir):
     return [(r["step"], r["loss"]) for r in recs if r["split"] == "train"]
 
 
+def _last_logged_step(run_dir) -> int:
+    try:
+        return max((step for step, _ in _train_losses(run_dir)), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line being written
+        return 0
+
+
 def _final_params(run_dir):
     cfg = rundir.load_run_config(run_dir)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
@@ -75,7 +82,14 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, byte_data, reference):
                 time.sleep(0.001)
             during_write += bool(list((run / "checkpoints").glob("*tmp*")))
         else:
-            time.sleep(rng.uniform(3.0, 7.0))
+            # a random moment of the run's progress (not of wall time, which depends on the machine):
+            # once the log reaches a random step past where this attempt resumed, plus a random delay
+            resumed = _last_logged_step(run)
+            target = rng.randint(resumed + 1, resumed + 8)
+            deadline = time.time() + 60
+            while time.time() < deadline and proc.poll() is None and _last_logged_step(run) < target:
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -99,7 +99,8 @@ def _stack_layers(params, n_layers):
     return out
 
 
-@pytest.mark.parametrize("name,remat", [("gpt2", "none"), ("llama_gqa", "full"), ("llama_mqa_qknorm", "dots")])
+@pytest.mark.parametrize("name,remat", [("gpt2", "none"), ("llama_gqa", "full"), ("llama_mqa_qknorm", "dots"),
+                                        ("gpt2", "auto")])
 def test_scan_and_remat_match_unscanned(name, remat):
     base = dataclasses.replace(CONFIGS[name], scan_layers=False)
     params = M.init_params_jit(base, jax.random.key(0))
@@ -123,6 +124,45 @@ def test_attention_implementations_agree(name):
     l2, g2 = loss_and_grads(dpa, params, tokens)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,bounds", [(4, 4, [0, 4, 8, 12]), (4, 2, [0, 5, 12]), (4, 1, [0, 1, 7, 12]),
+                                                   (4, 2, None)])
+def test_blocked_causal_attention_matches_masked_attention(heads, kv_heads, bounds):
+    """The training path (query blocks that skip the upper triangle, heads-first layout) computes
+    the same outputs and gradients as the general masked attention with a causal mask."""
+    b, l, dh = 2, 12, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, l, heads, dh))
+    k, v = (jax.random.normal(kk, (b, l, kv_heads, dh)) for kk in keys[1:3])
+    cotangent = jax.random.normal(keys[3], (b, l, heads, dh))
+    pos = jnp.broadcast_to(jnp.arange(l), (b, l))
+    masked = lambda q, k, v: M.xla_attention(q, k, v, M.attention_mask(pos, pos))
+    blocked = lambda q, k, v: M.causal_attention(q, k, v, bounds)
+    out_ref, vjp_ref = jax.vjp(masked, q, k, v)
+    out, vjp = jax.vjp(blocked, q, k, v)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_block_bounds_cover_the_sequence():
+    for length in (1, 12, 64, 130, 256, 1000, 4096):
+        bounds = M.causal_block_bounds(length)
+        assert bounds[0] == 0 and bounds[-1] == length and all(a < b for a, b in zip(bounds, bounds[1:]))
+        assert len(bounds) - 1 == max(1, min(8, length // 64))
+
+
+def test_model_blocked_causal_path_matches_masked_path():
+    """Default positions take the blocked causal path, explicit positions the masked path: same loss."""
+    cfg = dataclasses.replace(CONFIGS["llama_gqa"], max_seq_len=130)
+    params = M.init_params_jit(cfg, jax.random.key(0))
+    tokens = _tokens(cfg, b=2, l=130)
+    positions = jnp.broadcast_to(jnp.arange(130), (2, 130))
+    assert len(M.causal_block_bounds(130)) == 3  # two query blocks
+    blocked = logits_of(cfg, params, tokens)
+    masked = jax.jit(lambda p, t: M.apply(cfg, p, t, positions_BxL=positions))(params, tokens)
+    np.testing.assert_allclose(blocked, masked, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_forward_matches_full_forward():
