@@ -31,7 +31,7 @@ def make_eval_step(cfg: ExperimentConfig, param_shardings, batch_sharding):
         }
 
     return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, None),
-                   compiler_options=model_lib.cpu_compiler_options(1))
+                   compiler_options=model_lib.cpu_compiler_options())
 
 
 def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sharding, token_bytes) -> dict:

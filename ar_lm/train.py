@@ -143,7 +143,7 @@ def _fresh_state(cfg: ExperimentConfig, tx, rng) -> dict:
 
 def init_state(cfg: ExperimentConfig, tx, shardings, rng) -> dict:
     return jax.jit(functools.partial(_fresh_state, cfg, tx), out_shardings=shardings,
-                   compiler_options=model_lib.cpu_compiler_options(0))(rng)
+                   compiler_options=model_lib.cpu_compiler_options())(rng)
 
 
 def abstract_state(cfg: ExperimentConfig, tx, shardings) -> Any:
@@ -214,7 +214,7 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
-        compiler_options=model_lib.cpu_compiler_options(1),
+        compiler_options=model_lib.cpu_compiler_options(),
     )
 
 

@@ -58,4 +58,4 @@ def test_auto_policies_pick_the_cpu_fast_path():
     # remat: save matmul outputs under scan on CPU (measured faster), nothing to recompute unrolled
     assert M.resolve_remat(cfg) == "dots"
     assert M.resolve_remat(dataclasses.replace(cfg, scan_layers=False)) == "none"
-    assert M.cpu_compiler_options(1) == {"xla_backend_optimization_level": 1}
+    assert M.cpu_compiler_options() == {"xla_backend_optimization_level": 1}
