@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a run's latest checkpoint (streamed)")
     p.add_argument("run_dir")
-    p.add_argument("--prompt", required=True, help="text to continue (starts a new document)")
+    p.add_argument("--prompt", help="text to continue (starts a new document)")
+    p.add_argument("--prompt-ids", help="token ids to continue, e.g. '464, 3290' (for runs without a text tokenizer)")
+    p.add_argument("--eos-id", type=int, help="stop at this token id (default: the tokenizer's end of document)")
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or what fits in the context")
     p.add_argument("--temperature", type=float, help="default 1 (the model's distribution); 0 = greedy")
     p.add_argument("--top-k", type=int, help="sample from the K most likely tokens")

@@ -687,7 +687,8 @@ def decode_mesh(run_dir: str | Path):
 
 
 def load_run(run_dir: str | Path, mesh=None, rules=None) -> LoadedRun:
-    """The model config and tokenizer of a run, and with a mesh its latest-checkpoint parameters placed on it."""
+    """The model config and tokenizer of a run (None for an imported model whose tokenizer ar_lm does
+    not read), and with a mesh its latest-checkpoint parameters placed on it."""
     from ar_lm import rundir
     from ar_lm.tokenizer import load_tokenizer
     from ar_lm.train import restore_latest_params
@@ -695,16 +696,24 @@ def load_run(run_dir: str | Path, mesh=None, rules=None) -> LoadedRun:
     run_dir = Path(run_dir).absolute()
     cfg = rundir.load_run_config(run_dir)
     tok_meta_path = run_dir / rundir.TOKENIZER / "metadata.json"
-    require(tok_meta_path.is_file(),
-            f"run directory {run_dir} has no tokenizer/metadata.json: it was not written by `ar-lm train`")
-    tok_meta = json.loads(tok_meta_path.read_text())["tokenizer"]
-    tokenizer = load_tokenizer(run_dir / rundir.TOKENIZER, tok_meta["kind"])
-    require(tokenizer.vocab_size == cfg.model.vocab_size,
-            f"run {run_dir} has a tokenizer of {tokenizer.vocab_size} tokens but a model of {cfg.model.vocab_size}")
+    tokenizer, tok_meta = None, {}
+    if tok_meta_path.is_file():
+        tok_meta = json.loads(tok_meta_path.read_text())["tokenizer"]
+        tokenizer = load_tokenizer(run_dir / rundir.TOKENIZER, tok_meta["kind"])
+        require(tokenizer.vocab_size == cfg.model.vocab_size,
+                f"run {run_dir} has a tokenizer of {tokenizer.vocab_size} tokens but a model of {cfg.model.vocab_size}")
     if mesh is None:
         return LoadedRun(cfg.model, None, tokenizer, tok_meta)
     _, params = restore_latest_params(run_dir, cfg, mesh, rules)
     return LoadedRun(cfg.model, params, tokenizer, tok_meta)
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """'1, 2 3' -> [1, 2, 3] (commas and/or spaces)."""
+    parts = text.replace(",", " ").split()
+    require(parts and all(p.lstrip("-").isdigit() for p in parts),
+            f"--prompt-ids takes integers separated by commas or spaces, got {text!r}")
+    return [int(p) for p in parts]
 
 
 def _check_same_tokenizer(target: LoadedRun, draft: LoadedRun, draft_dir) -> None:
@@ -734,7 +743,7 @@ class _TextStream:
 
 
 def generate_command(args) -> int:
-    """`ar-lm generate RUN_DIR --prompt TEXT ...` (see `ar_lm.cli`)."""
+    """`ar-lm generate RUN_DIR --prompt TEXT | --prompt-ids IDS ...` (see `ar_lm.cli`)."""
     from ar_lm.train import mesh_context
 
     sampling_flags = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
@@ -751,12 +760,21 @@ def generate_command(args) -> int:
 
     if args.draft is not None:  # check the pair before restoring anything
         _check_same_tokenizer(load_run(args.run_dir), load_run(args.draft), args.draft)
+    require((args.prompt is None) != (args.prompt_ids is None), "give --prompt TEXT or --prompt-ids IDS (one of them)")
+    tok = load_run(args.run_dir).tokenizer
+    require(tok is not None or args.prompt is None,
+            f"run {args.run_dir} has no text tokenizer (an imported model's tokenizer ar_lm does not read): "
+            "give --prompt-ids")
     mesh, rules = decode_mesh(args.run_dir)
     target = load_run(args.run_dir, mesh, rules)
     draft = None if args.draft is None else load_run(args.draft, mesh, rules)
-    tok, cfg = target.tokenizer, target.cfg
-    eos_id = tok.eos_id
-    prompt_ids = [eos_id] + list(tok.encode(args.prompt))  # EOS separates documents: the prompt starts one
+    cfg = target.cfg
+    eos_id = args.eos_id if args.eos_id is not None else (tok.eos_id if tok is not None else None)
+    if args.prompt_ids is not None:  # ids as given, e.g. from the model's own (Hugging Face) tokenizer
+        prompt_ids = parse_token_ids(args.prompt_ids)
+    else:  # EOS separates documents: the prompt starts one
+        prompt_ids = [eos_id] + list(tok.encode(args.prompt))
+    text = (lambda ids: tok.decode([t for t in ids if t != eos_id])) if tok is not None else None
     n = args.max_new_tokens
     if n is None:
         n = max(1, min(64, cfg.max_seq_len - len(prompt_ids)))
@@ -770,7 +788,7 @@ def generate_command(args) -> int:
                             logprobs=res.logprobs[0, i, : res.lengths[0, i]], score=float(res.scores[0, i]))
                        for i in range(args.beams)]
             extra = {}
-        elif args.json or args.num_samples > 1:
+        elif args.json or args.num_samples > 1 or args.prompt is None:
             prompts = [prompt_ids] * args.num_samples
             if draft is None:
                 res = generate(cfg, target.params, prompts, n, sampling, seed=args.seed, eos_id=eos_id)
@@ -798,8 +816,8 @@ def generate_command(args) -> int:
 
     if args.json:
         print(json.dumps({
-            "prompt": args.prompt, "prompt_tokens": prompt_ids, **extra,
-            "samples": [{"text": tok.decode([t for t in s["tokens"].tolist() if t != eos_id]),
+            **({"prompt": args.prompt} if args.prompt is not None else {}), "prompt_tokens": prompt_ids, **extra,
+            "samples": [{**({"text": text(s["tokens"].tolist())} if text else {}),
                          "tokens": s["tokens"].tolist(), "logprobs": [round(float(x), 6) for x in s["logprobs"]],
                          **({"score": s["score"]} if "score" in s else {})} for s in samples],
         }))
@@ -807,7 +825,12 @@ def generate_command(args) -> int:
     for i, s in enumerate(samples):
         label = f"beam {i} (score {s['score']:.4f})" if "score" in s else f"sample {i}"
         print(f"--- {label} ---")
-        print(args.prompt + tok.decode([t for t in s["tokens"].tolist() if t != eos_id]))
+        if args.prompt is not None:
+            print(args.prompt + text(s["tokens"].tolist()))
+        else:  # ids in, ids out (and the text too when the run has a tokenizer)
+            print(" ".join(str(t) for t in s["tokens"].tolist()))
+            if text:
+                print(text(prompt_ids + s["tokens"].tolist()))
     _report(sum(len(s["tokens"]) for s in samples), len(samples), time.perf_counter() - t0, extra, args.draft_tokens)
     return 0
 

@@ -439,6 +439,46 @@ def test_cli_generate_streams_text_and_prints_json(runs, capsys):
     assert capsys.readouterr().out.count("--- sample") == 3
 
 
+def test_cli_generate_from_token_ids(runs, capsys, tmp_path):
+    """--prompt-ids continues exactly the given ids; a run without a text tokenizer (as an import of a
+    model whose tokenizer ar_lm does not read) takes ids and prints ids, and refuses --prompt."""
+    import shutil
+
+    target = str(runs["target"])
+    prompt_ids = [256] + list(b"the cat")
+    args = ["--max-new-tokens", "12", "--temperature", "0", "--json"]
+    assert main(["generate", target, "--prompt", "the cat", *args]) == 0
+    from_text = json.loads(capsys.readouterr().out)
+    assert main(["generate", target, "--prompt-ids", ", ".join(map(str, prompt_ids)), *args]) == 0
+    from_ids = json.loads(capsys.readouterr().out)
+    assert from_ids["prompt_tokens"] == prompt_ids and "prompt" not in from_ids
+    assert from_ids["samples"] == from_text["samples"]  # same tokens, log-probs and text
+
+    bare = tmp_path / "no_tokenizer"
+    shutil.copytree(target, bare)
+    shutil.rmtree(bare / "tokenizer")
+    # no tokenizer, so no end-of-document id unless given: without it the model runs on past EOS
+    assert main(["generate", str(bare), "--prompt-ids", " ".join(map(str, prompt_ids)), *args]) == 0
+    unstopped = json.loads(capsys.readouterr().out)["samples"][0]["tokens"]
+    assert main(["generate", str(bare), "--prompt-ids", " ".join(map(str, prompt_ids)), "--eos-id", "256", *args]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [s["tokens"] for s in result["samples"]] == [s["tokens"] for s in from_text["samples"]]
+    assert "text" not in result["samples"][0]
+    stopped = result["samples"][0]["tokens"]
+    assert len(unstopped) == 12 and unstopped[: len(stopped)] == stopped
+    assert main(["generate", str(bare), "--prompt-ids", "256 116 104", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "--- sample 0 ---" and len(printed[1].split()) == 3 and all(t.isdigit() for t in printed[1].split())
+    assert main(["generate", str(bare), "--prompt", "the cat"]) == 2
+    err = capsys.readouterr().err
+    assert "has no text tokenizer" in err and "give --prompt-ids" in err
+    assert main(["generate", str(bare), "--prompt-ids", "256, x"]) == 2
+    assert "--prompt-ids takes integers" in capsys.readouterr().err
+    assert main(["generate", str(bare), "--prompt-ids", "256 9999"]) == 2  # outside the vocabulary
+    assert "outside [0, 257)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--max-new-tokens", "0"], "max-new-tokens must be a positive"),
     (["--top-p", "1.5"], "top-p must lie in (0, 1]"),
@@ -448,6 +488,7 @@ def test_cli_generate_streams_text_and_prints_json(runs, capsys):
     (["--prompt", "x" * 60], "model's context is 48"),
     (["--draft", "OTHER"], "has a vocabulary of 259 tokens but the target has 257"),
     (["--beams", "2", "--temperature", "0.5"], "beam search is deterministic"),
+    (["--prompt-ids", "1 2"], "give --prompt TEXT or --prompt-ids IDS"),
 ])
 def test_cli_generate_bad_input(runs, capsys, extra, fragment):
     extra = [str(runs["other"]) if a == "OTHER" else a for a in extra]
