@@ -1,7 +1,8 @@
 """Training throughput: ar_lm against a PyTorch reference, measured in the same run.
 
     python benchmarks/train_throughput.py [--configs nanogpt_cpu,gpt_6l_384,gpt_50m] [--json out.json]
-                                          [--peak-flops F] [--cpu-devices N] [--set KEY=VALUE] [--no-torch]
+                                          [--peak-flops F] [--cpu-devices N] [--set KEY=VALUE]
+                                          [--repeats N] [--no-torch]
 
 For each config: steady-state ms/step, tokens/s, MFU, compile time, time to first step (from a
 cold start, and again in a new process with JAX's persistent compilation cache warm) and peak
@@ -146,6 +147,12 @@ def _run_worker(kind: str, name: str, cpu_devices: int, overrides=(), cache_dir:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median ms/step (the upper one of an even count), with every run's ms/step."""
+    ordered = sorted(runs, key=lambda r: r["ms_per_step"])
+    return {**ordered[len(ordered) // 2], "ms_per_step_runs": [round(r["ms_per_step"], 2) for r in runs]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -155,6 +162,8 @@ def main() -> None:
                     help="host-platform devices for ar_lm, data parallel (default 0: auto, as `ar-lm train`)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for ar_lm, e.g. model.remat=none (repeatable)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure each side N times, alternating, and report the median run (default 1)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)
@@ -170,7 +179,7 @@ def main() -> None:
 
     peak = args.peak_flops or measure_matmul_peak(2048)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores", "peak_flops": peak, "overrides": args.set, "configs": {}}
+               f"{os.cpu_count()} cores", "peak_flops": peak, "overrides": args.set, "repeats": args.repeats, "configs": {}}
     print(f"peak (measured float32 matmul): {peak / 1e9:.0f} GFLOP/s, {os.cpu_count()} cores")
     head = (f"{'config':<12} {'impl':<8} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9} "
             f"{'1st step s':>10} {'warm 1st':>8} {'peak MB':>8} {'loss':>7}")
@@ -179,13 +188,16 @@ def main() -> None:
     for name in names:
         c = CONFIGS[name]
         tokens = c["batch"] * c["seq_len"]
-        with tempfile.TemporaryDirectory() as cache:  # a fresh compilation cache: cold, then warm
-            row = {"jax": _run_worker("jax", name, args.cpu_devices, args.set, cache)}
-            warm = _run_worker("jax", name, args.cpu_devices, args.set, cache, first_step_only=True)
-        row["jax"]["time_to_first_step_warm_s"] = warm["time_to_first_step_s"]
-        row["jax"]["compile_warm_s"] = warm["compile_s"]
-        if not args.no_torch:
-            row["torch"] = _run_worker("torch", name, 1)
+        runs = {"jax": [], "torch": []}
+        for _ in range(args.repeats):  # alternate the two, so a slow spell of the machine hits both
+            with tempfile.TemporaryDirectory() as cache:  # a fresh compilation cache: cold, then warm
+                run = _run_worker("jax", name, args.cpu_devices, args.set, cache)
+                warm = _run_worker("jax", name, args.cpu_devices, args.set, cache, first_step_only=True)
+            runs["jax"].append({**run, "time_to_first_step_warm_s": warm["time_to_first_step_s"],
+                                "compile_warm_s": warm["compile_s"]})
+            if not args.no_torch:
+                runs["torch"].append(_run_worker("torch", name, 1))
+        row = {impl: _median_run(rs) for impl, rs in runs.items() if rs}
         fpt = row["jax"]["flops_per_token"]
         for impl, r in row.items():
             r["tokens_per_s"] = tokens / (r["ms_per_step"] / 1000)
