@@ -243,7 +243,7 @@ def _unstack_layers(params, n_layers: int):
 class DecodeState:
     """Everything the decoder carries between steps (and between streamed chunks)."""
 
-    cache: dict  # {"k", "v"}: [n_layers, B, S, K, Dh]
+    cache: dict  # {"k", "v"}: [n_layers, B, K, S, Dh]
     kv_pos_BxS: Array  # position held by each cache slot, -1 = empty or padding
     slot: Array  # cache slot that token_B goes to (the same for every row)
     pos_B: Array  # position of token_B

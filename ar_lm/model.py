@@ -8,7 +8,7 @@ Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_
 
 Attention is causal through positions: a query at position p sees keys at positions 0..p that
 are valid (key position >= 0). Training passes no cache (positions 0..L-1); decoding passes a
-KV cache of shape [layers, B, S, K, Dh] plus the position of every cache slot (-1: empty).
+KV cache of shape [layers, B, K, S, Dh] plus the position of every cache slot (-1: empty).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from ar_lm.config import ModelConfig
 
 Array = jax.Array
-Cache = dict  # {"k": [n_layers, B, S, K, Dh], "v": [n_layers, B, S, K, Dh]}
+Cache = dict  # {"k": [n_layers, B, K, S, Dh], "v": [n_layers, B, K, S, Dh]}
 
 
 def resolve_compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -128,18 +128,19 @@ def attention_mask(q_pos_BxL: Array, kv_pos_BxS: Array) -> Array:
     return (kv >= 0) & (kv <= q_pos_BxL[:, :, None])
 
 
-def xla_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS) -> Array:
+def xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS) -> Array:
     """softmax(q k^T / sqrt(Dh) + mask) v, hand-written, for any mask (KV-cache decoding, padding);
-    grouped heads share their kv head."""
+    grouped heads share their kv head. Keys and values come heads-first, as the cache holds them, so
+    the score and value matmuls need no transpose of the cache."""
     b, l, h, dh = q_BxLxHxDh.shape
-    kh = k_BxSxKxDh.shape[2]
+    kh = k_BxKxSxDh.shape[1]
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
-    scores_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh) * (dh**-0.5)
+    scores_BxKxGxLxS = jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxDh, k_BxKxSxDh) * (dh**-0.5)
     scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32)
     big_neg = jnp.finfo(jnp.float32).min
     scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, big_neg)
-    probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
-    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxDh)
+    probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxKxSxDh.dtype)
+    out_BxLxKxGxDh = jnp.einsum("bkgls,bksd->blkgd", probs, v_BxKxSxDh)
     return out_BxLxKxGxDh.reshape(b, l, h, dh)
 
 
@@ -220,25 +221,32 @@ class Attention(nn.Module):
             k_BxLxKxDh = rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
         q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ("batch", "length", "heads", "head_dim"))
 
+        plain_causal = kv_pos_BxS is None  # training/scoring: positions 0..L-1, no cache
+        dot_product = resolve_attention(cfg) == "dot_product"
         if cache is None:
-            k_BxSxKxDh, v_BxSxKxDh, new_cache = k_BxLxKxDh, v_BxLxKxDh, None
+            mask_BxLxS = None if plain_causal else attention_mask(positions_BxL, kv_pos_BxS)
+            if dot_product:
+                out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxS)
+            elif plain_causal:
+                out_BxLxHxDh = causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
+            else:
+                out_BxLxHxDh = xla_attention(q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh)),
+                                             mask_BxLxS)
+            new_cache = None
         else:  # write the chunk into slice `layer` of the whole cache at slot `cache_index` (in place, a carry)
             zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(layer, jnp.int32), zero, cache_index, zero, zero)
-            new_cache = {n: jax.lax.dynamic_update_slice(cache[n], new[None].astype(cache[n].dtype), start)
-                         for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
-            k_BxSxKxDh, v_BxSxKxDh = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dtype)
+            start = (jnp.asarray(layer, jnp.int32), zero, zero, cache_index, zero)
+            new_cache = {n: jax.lax.dynamic_update_slice(
+                cache[n], new.transpose(0, 2, 1, 3)[None].astype(cache[n].dtype), start)
+                for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
+            k_BxKxSxDh, v_BxKxSxDh = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dtype)
                                       for n in ("k", "v"))
-
-        plain_causal = kv_pos_BxS is None  # training/scoring: positions 0..L-1, no cache
-        if resolve_attention(cfg) == "dot_product":
-            out_BxLxHxDh = dot_product_attention(
-                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, None if plain_causal else attention_mask(positions_BxL, kv_pos_BxS)
-            )
-        elif plain_causal:
-            out_BxLxHxDh = causal_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh)
-        else:
-            out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, attention_mask(positions_BxL, kv_pos_BxS))
+            mask_BxLxS = attention_mask(positions_BxL, kv_pos_BxS)
+            if dot_product:
+                out_BxLxHxDh = dot_product_attention(
+                    q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxKxSxDh, v_BxKxSxDh)), mask_BxLxS)
+            else:
+                out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
 
         wo = _param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
         y_BxLxD = out_BxLxHxDh.reshape(*out_BxLxHxDh.shape[:2], h * dh) @ wo.reshape(h * dh, d).astype(dtype)
@@ -384,13 +392,14 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-    """An empty KV cache: k and v of shape [n_layers, B, S, K, Dh] (K = kv heads, so GQA shrinks it)."""
+    """An empty KV cache: k and v of shape [n_layers, B, K, S, Dh] (K = kv heads, so GQA shrinks it;
+    heads before slots, so attention reads it without a transpose)."""
     dtype = dtype or resolve_compute_dtype(cfg)
-    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
 @functools.lru_cache(maxsize=None)

@@ -334,8 +334,8 @@ def test_sharded_decode_matches_single_device():
     np.testing.assert_array_equal(sharded.tokens[:3], single.tokens)
     np.testing.assert_allclose(sharded.logprobs[:3], single.logprobs, atol=1e-4)
     assert sharded.tokens[3].tolist() == naive_greedy(cfg, params, prompts[3], N)
-    spec = state.cache["k"].sharding.spec  # [layers, batch, slots, kv_heads, head_dim]
-    assert "data" in jax.tree.leaves(spec[1]) and spec[3] == "tensor", spec
+    spec = state.cache["k"].sharding.spec  # [layers, batch, kv_heads, slots, head_dim]
+    assert "data" in jax.tree.leaves(spec[1]) and spec[2] == "tensor", spec
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,8 @@ def test_blocked_causal_attention_matches_masked_attention(heads, kv_heads, boun
     k, v = (jax.random.normal(kk, (b, l, kv_heads, dh)) for kk in keys[1:3])
     cotangent = jax.random.normal(keys[3], (b, l, heads, dh))
     pos = jnp.broadcast_to(jnp.arange(l), (b, l))
-    masked = lambda q, k, v: M.xla_attention(q, k, v, M.attention_mask(pos, pos))
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - xla_attention takes k, v as [B, K, S, Dh]
+    masked = lambda q, k, v: M.xla_attention(q, heads_first(k), heads_first(v), M.attention_mask(pos, pos))
     blocked = lambda q, k, v: M.causal_attention(q, k, v, bounds)
     out_ref, vjp_ref = jax.vjp(masked, q, k, v)
     out, vjp = jax.vjp(blocked, q, k, v)
