@@ -137,9 +137,13 @@ def test_blocked_causal_attention_matches_masked_attention(heads, kv_heads, boun
     k, v = (jax.random.normal(kk, (b, l, kv_heads, dh)) for kk in keys[1:3])
     cotangent = jax.random.normal(keys[3], (b, l, heads, dh))
     pos = jnp.broadcast_to(jnp.arange(l), (b, l))
-    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - xla_attention takes k, v as [B, K, S, Dh]
-    masked = lambda q, k, v: M.xla_attention(q, heads_first(k), heads_first(v), M.attention_mask(pos, pos))
-    blocked = lambda q, k, v: M.causal_attention(q, k, v, bounds)
+
+    def masked(q, k, v):  # xla_attention takes keys and values heads-first, [B, K, S, Dh], as the cache holds them
+        return M.xla_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), M.attention_mask(pos, pos))
+
+    def blocked(q, k, v):
+        return M.causal_attention(q, k, v, bounds)
+
     out_ref, vjp_ref = jax.vjp(masked, q, k, v)
     out, vjp = jax.vjp(blocked, q, k, v)
     np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
