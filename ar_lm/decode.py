@@ -448,6 +448,9 @@ def _apply_rows(cfg: ModelConfig, params, tokens_BxL, positions_BxL, cache, slot
         )
         return logits_1xLxV[0], jax.tree.map(lambda c: c[:, 0], new)
 
+    if tokens_BxL.shape[0] == 1:  # one row (latency decoding): a plain in-place update, no vmapped scatter
+        return model_lib.apply(cfg, params, tokens_BxL, positions_BxL=positions_BxL, cache=cache,
+                               cache_index=slot_B[0], kv_positions_BxS=kv_pos_BxS)
     return jax.vmap(one_row, in_axes=(0, 0, 1, 0, 0), out_axes=(0, 1))(
         tokens_BxL, positions_BxL, cache, slot_B, kv_pos_BxS)
 

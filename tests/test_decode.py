@@ -297,6 +297,11 @@ def test_speculative_greedy_equals_target_greedy():
     with CompileCounter() as compiles:
         D.speculative_generate(cfg, params, DRAFT, params_of(DRAFT, 1), PROMPTS[::-1], N, draft_tokens=3)
     assert compiles.count == 0
+    # one row takes the un-vmapped path (in-place cache update at the row's slot): same tokens
+    for row, prompt in enumerate(PROMPTS[:2]):
+        one = D.speculative_generate(cfg, params, DRAFT, params_of(DRAFT, 1), [prompt], N, draft_tokens=3)
+        np.testing.assert_array_equal(one.tokens[0], target.tokens[row])
+        np.testing.assert_allclose(one.logprobs[0], target.logprobs[row], atol=1e-4)
 
 
 def test_speculative_sampling_follows_the_target_distribution():
