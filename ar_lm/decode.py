@@ -438,23 +438,6 @@ def beam_search(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
 # Speculative decoding
 
 
-def _apply_rows(cfg: ModelConfig, params, tokens_BxL, positions_BxL, cache, slot_B, kv_pos_BxS):
-    """`model.apply` with a cache slot per row (speculative rows advance by different amounts)."""
-
-    def one_row(tokens_L, positions_L, cache_row, slot, kv_pos_S):
-        logits_1xLxV, new = model_lib.apply(
-            cfg, params, tokens_L[None], positions_BxL=positions_L[None],
-            cache=jax.tree.map(lambda c: c[:, None], cache_row), cache_index=slot, kv_positions_BxS=kv_pos_S[None],
-        )
-        return logits_1xLxV[0], jax.tree.map(lambda c: c[:, 0], new)
-
-    if tokens_BxL.shape[0] == 1:  # one row (latency decoding): a plain in-place update, no vmapped scatter
-        return model_lib.apply(cfg, params, tokens_BxL, positions_BxL=positions_BxL, cache=cache,
-                               cache_index=slot_B[0], kv_positions_BxS=kv_pos_BxS)
-    return jax.vmap(one_row, in_axes=(0, 0, 1, 0, 0), out_axes=(0, 1))(
-        tokens_BxL, positions_BxL, cache, slot_B, kv_pos_BxS)
-
-
 @flax.struct.dataclass
 class SpeculativeState:
     target_cache: dict
@@ -509,8 +492,9 @@ def _speculative_iteration(target_cfg, target_params, draft_cfg, draft_params, s
     def draft_step(carry, i):  # k + 1 steps: the last only writes d_k into the draft cache
         cache, kv_pos_BxS, tok_B = carry
         kv_pos_BxS = kv_pos_BxS.at[rows_B, st.slot_B + i].set(st.pos_B + i)
-        logits_Bx1xV, cache = _apply_rows(draft_cfg, draft_params, tok_B[:, None], (st.pos_B + i)[:, None], cache,
-                                          st.slot_B + i, kv_pos_BxS)
+        logits_Bx1xV, cache = model_lib.apply(  # a cache slot per row: rows advance by different amounts
+            draft_cfg, draft_params, tok_B[:, None], positions_BxL=(st.pos_B + i)[:, None], cache=cache,
+            cache_index=st.slot_B + i, kv_positions_BxS=kv_pos_BxS)
         nxt_B = sample_logits(jax.random.fold_in(draft_key, i), logits_Bx1xV[:, 0], sampling)
         q_logits_BxV = logits_Bx1xV[:, 0] if sampling.greedy else filter_logits(logits_Bx1xV[:, 0], sampling)
         return (cache, kv_pos_BxS, nxt_B), (nxt_B, q_logits_BxV)
@@ -521,8 +505,9 @@ def _speculative_iteration(target_cfg, target_params, draft_cfg, draft_params, s
 
     chunk_BxK1 = jnp.concatenate([st.pending_B[:, None], drafts_BxK], axis=1)
     pos_BxK1 = st.pos_B[:, None] + j_K1
-    logits_BxK1xV, target_cache = _apply_rows(target_cfg, target_params, chunk_BxK1, pos_BxK1, st.target_cache,
-                                              st.slot_B, kv_pos_BxS)
+    logits_BxK1xV, target_cache = model_lib.apply(
+        target_cfg, target_params, chunk_BxK1, positions_BxL=pos_BxK1, cache=st.target_cache, cache_index=st.slot_B,
+        kv_positions_BxS=kv_pos_BxS)
     if sampling.greedy:
         best_BxK1 = jnp.argmax(logits_BxK1xV, axis=-1).astype(jnp.int32)
         n_acc_B = jnp.sum(jnp.cumprod(drafts_BxK == best_BxK1[:, :k], axis=1), axis=1)

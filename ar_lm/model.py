@@ -181,12 +181,30 @@ def causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bounds=None) -> Array:
     return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
 
-def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS) -> Array:
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS=None) -> Array:
     """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when shapes allow);
     no mask: plain causal self-attention."""
     if mask_BxLxS is None:  # let the kernel build the causal mask
         return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, is_causal=True)
     return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None])
+
+
+def write_cache(cache_LxBxKxSxDh: Array, layer, cache_index, new_BxKxLxDh: Array) -> Array:
+    """Write a chunk into slice `layer` of a cache at slot `cache_index`: one slot for the whole
+    batch (a scalar), or a slot per row ([B]; speculative rows advance by different amounts)."""
+    new = new_BxKxLxDh.astype(cache_LxBxKxSxDh.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32)
+    index = jnp.asarray(cache_index, jnp.int32)
+    if index.ndim == 1 and index.shape[0] == 1:  # one row: its slot is the batch's
+        index = index[0]
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache_LxBxKxSxDh, new[None], (layer, zero, zero, index, zero))
+
+    def write_row(b, c):  # row by row, each an in-place slice update (a vmapped one becomes a slow scatter)
+        return jax.lax.dynamic_update_slice(c, new[b][None, None], (layer, b, zero, index[b], zero))
+
+    return jax.lax.fori_loop(0, new.shape[0], write_row, cache_LxBxKxSxDh)
 
 
 class Attention(nn.Module):
@@ -221,32 +239,24 @@ class Attention(nn.Module):
             k_BxLxKxDh = rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
         q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ("batch", "length", "heads", "head_dim"))
 
-        plain_causal = kv_pos_BxS is None  # training/scoring: positions 0..L-1, no cache
-        dot_product = resolve_attention(cfg) == "dot_product"
-        if cache is None:
-            mask_BxLxS = None if plain_causal else attention_mask(positions_BxL, kv_pos_BxS)
-            if dot_product:
-                out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxS)
-            elif plain_causal:
-                out_BxLxHxDh = causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
-            else:
-                out_BxLxHxDh = xla_attention(q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh)),
-                                             mask_BxLxS)
+        if cache is None:  # keys and values are the chunk itself
+            k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh))
             new_cache = None
-        else:  # write the chunk into slice `layer` of the whole cache at slot `cache_index` (in place, a carry)
-            zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(layer, jnp.int32), zero, zero, cache_index, zero)
-            new_cache = {n: jax.lax.dynamic_update_slice(
-                cache[n], new.transpose(0, 2, 1, 3)[None].astype(cache[n].dtype), start)
-                for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
+        else:  # write the chunk into slice `layer` of the whole cache (in place, a carry), then read it
+            new_cache = {n: write_cache(cache[n], layer, cache_index, new.transpose(0, 2, 1, 3))
+                         for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
             k_BxKxSxDh, v_BxKxSxDh = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dtype)
                                       for n in ("k", "v"))
-            mask_BxLxS = attention_mask(positions_BxL, kv_pos_BxS)
-            if dot_product:
-                out_BxLxHxDh = dot_product_attention(
-                    q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxKxSxDh, v_BxKxSxDh)), mask_BxLxS)
-            else:
-                out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
+
+        dot_product = resolve_attention(cfg) == "dot_product"
+        if kv_pos_BxS is None:  # training/scoring: plain causal over positions 0..L-1, no cache
+            attend = dot_product_attention if dot_product else causal_attention
+            out_BxLxHxDh = attend(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
+        elif dot_product:
+            out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxKxSxDh, v_BxKxSxDh)),
+                                                 attention_mask(positions_BxL, kv_pos_BxS))
+        else:
+            out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, attention_mask(positions_BxL, kv_pos_BxS))
 
         wo = _param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
         y_BxLxD = out_BxLxHxDh.reshape(*out_BxLxHxDh.shape[:2], h * dh) @ wo.reshape(h * dh, d).astype(dtype)
@@ -319,8 +329,8 @@ def _remat_block(cfg: ModelConfig):
 class Transformer(nn.Module):
     """tokens [B, L] -> logits [B, L, V] (float32).
 
-    With `cache` (see `init_cache`): writes the chunk's keys/values at slot `cache_index` and
-    returns (logits, new_cache); `kv_positions_BxS` gives the position held by each cache slot
+    With `cache` (see `init_cache`): writes the chunk's keys/values at slot `cache_index` (a scalar,
+    or one slot per row of shape [B]) and returns (logits, new_cache); `kv_positions_BxS` gives the position held by each cache slot
     after the write (-1 for empty/padding slots).
     """
 

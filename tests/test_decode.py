@@ -297,7 +297,7 @@ def test_speculative_greedy_equals_target_greedy():
     with CompileCounter() as compiles:
         D.speculative_generate(cfg, params, DRAFT, params_of(DRAFT, 1), PROMPTS[::-1], N, draft_tokens=3)
     assert compiles.count == 0
-    # one row takes the un-vmapped path (in-place cache update at the row's slot): same tokens
+    # alone, a row gets the tokens it gets in the batch (its cache slot is the batch's slot)
     for row, prompt in enumerate(PROMPTS[:2]):
         one = D.speculative_generate(cfg, params, DRAFT, params_of(DRAFT, 1), [prompt], N, draft_tokens=3)
         np.testing.assert_array_equal(one.tokens[0], target.tokens[row])
