@@ -746,15 +746,16 @@ def generate_command(args) -> int:
         require(args.draft is None, "beam search and speculative decoding do not combine: drop --draft or --beams")
         require(args.num_samples == 1, "beam search returns --beams hypotheses: drop --num-samples")
 
-    if args.draft is not None:  # check the pair before restoring anything
-        _check_same_tokenizer(load_run(args.run_dir), load_run(args.draft), args.draft)
     require((args.prompt is None) != (args.prompt_ids is None), "give --prompt TEXT or --prompt-ids IDS (one of them)")
-    tok = load_run(args.run_dir).tokenizer
+    target = load_run(args.run_dir)  # config and tokenizer: check everything before restoring anything
+    if args.draft is not None:
+        _check_same_tokenizer(target, load_run(args.draft), args.draft)
+    tok = target.tokenizer
     require(tok is not None or args.prompt is None,
             f"run {args.run_dir} has no text tokenizer (an imported model's tokenizer ar_lm does not read): "
             "give --prompt-ids")
     mesh, rules = decode_mesh(args.run_dir)
-    target = load_run(args.run_dir, mesh, rules)
+    target = load_run(args.run_dir, mesh, rules)  # now with its parameters
     draft = None if args.draft is None else load_run(args.draft, mesh, rules)
     cfg = target.cfg
     eos_id = args.eos_id if args.eos_id is not None else (tok.eos_id if tok is not None else None)

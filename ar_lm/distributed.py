@@ -97,9 +97,8 @@ def configure_cpu_devices(mesh, micro_batch: int, max_auto: int = 8) -> Optional
         n = fixed
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        fits = [d for d in range(1, max(cores, fixed) + 1)
-                if d % fixed == 0 and micro_batch % d == 0 and (d <= max_auto or d == fixed)]
-        n = max(fits, default=fixed)
+        limit = max(min(cores, max_auto), fixed)
+        n = max((d for d in range(fixed, limit + 1, fixed) if micro_batch % d == 0), default=fixed)
     jax.config.update("jax_num_cpu_devices", n)
     return n
 
