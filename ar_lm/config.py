@@ -111,7 +111,7 @@ class TrainConfig:
 class MeshConfig:
     """Device mesh with axes (data, fsdp, tensor); one size may be -1 (the remaining devices).
 
-    `rules` names a logical-axis rule preset (see `ar_lm.sharding.RULE_PRESETS`); `rule_overrides`
+    `rules` names a logical-axis rule preset (see `ar_lm.parallel.mesh.RULE_PRESETS`); `rule_overrides`
     adds entries such as ``"mlp=tensor"`` or ``"embed=fsdp+tensor"`` or ``"vocab="`` (replicated).
     """
 
@@ -122,7 +122,7 @@ class MeshConfig:
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     devices: int = 0  # use the first N devices (0: all)
-    cpu_devices: int = 0  # host-platform devices for `ar-lm train` on CPU (0: auto, see distributed.py)
+    cpu_devices: int = 0  # host-platform devices for `ar-lm train` on CPU (0: auto, see parallel/runtime.py)
     rules: str = "fsdp_tp"
     rule_overrides: tuple[str, ...] = ()
 
@@ -365,3 +365,10 @@ def load_experiment(path: str | Path, overrides: Optional[list[str]] = None) -> 
     cfg = load_experiment_module(path).config()
     require(isinstance(cfg, ExperimentConfig), f"config() in {path} must return an ExperimentConfig")
     return validate(apply_overrides(cfg, overrides or []))
+
+
+def with_data_path(cfg: ExperimentConfig, data_dir: str | Path | None) -> ExperimentConfig:
+    """`cfg` with data.path set to `data_dir` (absolute), if one is given."""
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(data_dir).absolute())))
+    return cfg

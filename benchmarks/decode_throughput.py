@@ -7,18 +7,18 @@
 
 Model: nanoGPT's shakespeare-char size (GPT-2 family, 6 layers, 6 heads, width 384, vocab 64), context
 1024. Draft: 3 layers, width 272, 4 heads (1/4 of the target's non-embedding parameters). Both are first
-trained for a few steps on an order-1 Markov source (`ar_lm.synthetic`), so that greedy continuations are
+trained for a few steps on an order-1 Markov source (`ar_lm.data.synthetic`), so that greedy continuations are
 not noise and the draft agrees with the target as a trained pair would; throughput does not depend on it.
 
 Sections (greedy decoding, no EOS, so every row makes exactly N tokens):
 1. tokens/s (B * N / wall time) and ms per token (wall time / N: one decoding step of the whole batch),
    prefill included, compile excluded (each program runs once before it is timed):
-   - ar_lm: `ar_lm.decode.generate`, one jitted program (prefill + `lax.scan` over the KV cache);
+   - ar_lm: `ar_lm.decoding.generate`, one jitted program (prefill + `lax.scan` over the KV cache);
    - naive: each step a jitted full forward over the sequence so far (padded on the right to a multiple
      of 32, exact by causality, so that XLA compiles one program per 32 positions), argmax of the last
      position; O(N^2), so only up to --naive-max-batch / --naive-max-new;
    - transformers: `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)` on the ar_lm weights
-     (`ar_lm.hf.params_to_hf`), torch with 1 thread or all cores, whichever is faster at batch 1 here;
+     (`ar_lm.interop.hf_weights.params_to_hf`), torch with 1 thread or all cores, whichever is faster at batch 1 here;
      its greedy tokens are checked equal to ar_lm's.
 2. ms per step against position: flat with the cache (every step attends over the same fixed-size
    cache, masked), growing without it.
@@ -39,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ar_lm import decode as D
-from ar_lm import model as M
+from ar_lm import decoding as D
 from ar_lm.config import ExperimentConfig, ModelConfig
-from ar_lm.synthetic import MarkovSource
+from ar_lm.data.synthetic import MarkovSource
+from ar_lm.decoding import decoder as DD
+from ar_lm.model import counts as MC
+from ar_lm.model import transformer as M
 
 TARGET = ModelConfig(family="gpt2", vocab_size=64, d_model=384, n_layers=6, n_heads=6, max_seq_len=1024)
 DRAFT = ModelConfig(family="gpt2", vocab_size=64, d_model=272, n_layers=3, n_heads=4, max_seq_len=1024)
@@ -53,7 +55,7 @@ def train_briefly(cfg: ModelConfig, source: MarkovSource, steps: int, seed: int,
     """AdamW on random windows of the Markov source; returns the params and the last loss."""
     import optax
 
-    from ar_lm.train import loss_fn
+    from ar_lm.training.step import loss_fn
 
     exp = ExperimentConfig(model=cfg)
     params = M.init_params_jit(cfg, jax.random.key(seed))
@@ -75,11 +77,11 @@ def train_briefly(cfg: ModelConfig, source: MarkovSource, steps: int, seed: int,
 
 
 def to_hf(cfg: ModelConfig, params):
-    """A `transformers` GPT2LMHeadModel with the same weights (mapped by `ar_lm.hf.params_to_hf`), no EOS."""
+    """A `transformers` GPT2LMHeadModel with the same weights (mapped by `ar_lm.interop.hf_weights.params_to_hf`), no EOS."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ar_lm.hf import params_to_hf
+    from ar_lm.interop.hf_weights import params_to_hf
 
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
@@ -176,14 +178,14 @@ def main() -> None:
     t0 = time.perf_counter()
     target, target_loss = train_briefly(TARGET, source, args.train_steps, seed=1)
     draft, draft_loss = train_briefly(DRAFT, source, args.train_steps, seed=2)
-    n_target, n_draft = (M.param_counts(c)["non_embedding"] for c in (TARGET, DRAFT))
+    n_target, n_draft = (MC.param_counts(c)["non_embedding"] for c in (TARGET, DRAFT))
     print(f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.1f} s: target loss {target_loss:.3f}, "
           f"draft loss {draft_loss:.3f} (source entropy {source.entropy_rate:.3f} nats); non-embedding params "
           f"target {n_target / 1e6:.2f}M, draft {n_draft / 1e6:.2f}M ({n_draft / n_target:.2f}x)", flush=True)
     hf = None if args.no_torch else to_hf(TARGET, target)
     # the layout the decoder runs (unrolled layers on CPU), converted once as a serving loop would
-    target_cfg, target = D.for_decoding(TARGET, target)
-    draft_cfg, draft = D.for_decoding(DRAFT, draft)
+    target_cfg, target = DD.for_decoding(TARGET, target)
+    draft_cfg, draft = DD.for_decoding(DRAFT, draft)
     prompts = source.sample(max(batches) * args.prompt_len, seed=7).reshape(max(batches), args.prompt_len)
     prompts = prompts.astype(np.int32)
     if hf is not None:
@@ -227,13 +229,13 @@ def main() -> None:
     # 2. per-step time against position (batch 1)
     n_max, p = max(new_tokens), args.prompt_len
     steps = -(-(n_max - 1) // BUCKET) * BUCKET
-    prompt_1xP, lens_1 = D.prepare_prompts(TARGET, prompts[:1], n_max)
-    state, _, _ = D._start_jit(target_cfg, target, prompt_1xP, lens_1, D.GREEDY, np.uint32(0), cache_len=p + steps,
+    prompt_1xP, lens_1 = DD.prepare_prompts(TARGET, prompts[:1], n_max)
+    state, _, _ = DD.start_jit(target_cfg, target, prompt_1xP, lens_1, D.GREEDY, np.uint32(0), cache_len=p + steps,
                                eos_id=None)
     cached = {}
     for start in range(0, steps, BUCKET):
         t0 = time.perf_counter()
-        state, toks, _ = D._decode_chunk_jit(target_cfg, target, state, D.GREEDY, n_steps=BUCKET, eos_id=None, pad_id=0)
+        state, toks, _ = DD.decode_chunk_jit(target_cfg, target, state, D.GREEDY, n_steps=BUCKET, eos_id=None, pad_id=0)
         jax.block_until_ready(toks)
         if start:  # the first chunk compiles
             cached[p + start] = 1000 * (time.perf_counter() - t0) / BUCKET

@@ -19,8 +19,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 
 from ar_lm.config import DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig  # noqa: E402
-from ar_lm.model import param_counts  # noqa: E402
-from ar_lm.train import compile_train_step  # noqa: E402
+from ar_lm.model.counts import param_counts  # noqa: E402
+from ar_lm.training.step import compile_train_step  # noqa: E402
 
 PRESETS = {
     "dp (data=8)": MeshConfig(data=8, rules="dp"),

@@ -10,7 +10,7 @@ host memory, for ar_lm (jitted train step, AdamW) and for `transformers`' GPT2LM
 with torch.optim.AdamW (torch threads = cores) on the same shapes and the same random tokens;
 then the ratio. Each measurement runs in its own process (clean peak-memory figures).
 
-MFU = flops_per_token * tokens/s / peak, with `ar_lm.model.flops_per_token` (6 x matmul weights
+MFU = flops_per_token * tokens/s / peak, with `ar_lm.model.counts.flops_per_token` (6 x matmul weights
 + causal attention counted once) and the peak either given or measured here by a float32 matmul.
 """
 
@@ -50,9 +50,8 @@ def jax_worker(c: dict, cpu_devices: int, overrides: list[str], first_step_only:
     t_start = time.perf_counter()
     import jax
 
-    from ar_lm.cli import enable_compilation_cache
     from ar_lm.config import DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig, apply_overrides
-    from ar_lm.distributed import configure_cpu_devices
+    from ar_lm.parallel.runtime import configure_cpu_devices, enable_compilation_cache
 
     cfg = apply_overrides(ExperimentConfig(
         model=ModelConfig(family="gpt2", vocab_size=c["vocab"], d_model=c["d_model"], n_layers=c["n_layers"],
@@ -63,10 +62,12 @@ def jax_worker(c: dict, cpu_devices: int, overrides: list[str], first_step_only:
     ), overrides)
     configure_cpu_devices(cfg.mesh, cfg.data.batch_size)  # as `ar-lm train` does (0: auto)
     enable_compilation_cache()  # the directory the parent gave this config (cold, then warm)
-    from ar_lm.model import flops_per_token, param_counts, resolve_remat
-    from ar_lm.optimizer import make_optimizer
-    from ar_lm.sharding import logical_rules, logical_sharding, make_mesh
-    from ar_lm.train import init_state, make_train_step, mesh_context, state_shardings
+    from ar_lm.model.backend import resolve_remat
+    from ar_lm.model.counts import flops_per_token, param_counts
+    from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
+    from ar_lm.training.optimizer import make_optimizer
+    from ar_lm.training.state import init_state, state_shardings
+    from ar_lm.training.step import make_train_step
 
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
     tx, schedule = make_optimizer(cfg.optim, 1000)
@@ -175,7 +176,7 @@ def main() -> None:
                          else torch_worker(c)))
         return
 
-    from ar_lm.metrics import measure_matmul_peak
+    from ar_lm.training.metrics import measure_matmul_peak
 
     peak = args.peak_flops or measure_matmul_peak(2048)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "

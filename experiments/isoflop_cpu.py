@@ -10,7 +10,7 @@ fitted law's predicted loss with the measured one.
 """
 
 from ar_lm.config import DataConfig, ExperimentConfig, LoggingConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from ar_lm.scaling import DataSpec, ShapeRule, Sweep, isoflop_sweep
+from ar_lm.scaling.sweeps import DataSpec, ShapeRule, Sweep, isoflop_sweep
 
 BUDGETS = (1e11, 3e11, 1e12)  # training FLOPs per run
 HOLDOUT = (2e12,)

@@ -1,5 +1,6 @@
 """Datasets and grain pipelines: metadata, checksums, deterministic resumable batches."""
 
+import ast
 import json
 
 import numpy as np
@@ -7,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ar_lm.data import TokenDataset, file_documents, split_documents, stdlib_documents, write_dataset
+from ar_lm.data.dataset import TokenDataset, write_dataset
+from ar_lm.data.pipeline import TrainIterator, WindowSource, eval_batches, train_dataset
+from ar_lm.data.sources import file_documents, split_documents, stdlib_documents
 from ar_lm.errors import UserError
-from ar_lm.pipeline import TrainIterator, WindowSource, eval_batches, train_dataset
 
 
 def test_metadata_counts_and_round_trip(byte_data, corpus_dir):
@@ -34,8 +36,13 @@ def test_split_is_deterministic_and_order_independent(corpus_dir):
 
 def test_stdlib_source_is_real_python():
     docs = stdlib_documents(200_000)
-    assert any(d.name == "abc.py" for d in docs) or len(docs) > 3
-    assert sum(len(d.text) for d in docs) >= 200_000 * 0.5
+    names = [d.name for d in docs]
+    assert names == sorted(names) and all(n.endswith(".py") for n in names)
+    assert not any(n.startswith(("site-packages/", "dist-packages/")) or "/test" in f"/{n}" for n in names)
+    for d in docs:
+        ast.parse(d.text, filename=d.name)  # real Python source
+    sizes = [len(d.text.encode("utf-8")) for d in docs]
+    assert sum(sizes[:-1]) < 200_000 <= sum(sizes)  # stops at the first document past the cap
 
 
 def test_output_dir_not_overwritten(byte_data, corpus_dir):

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ar_lm import decode as D
-from ar_lm import model as M
+from ar_lm import decoding as D
 from ar_lm.cli import main
 from ar_lm.config import ExperimentConfig, MeshConfig, ModelConfig
+from ar_lm.decoding import decoder as DD
+from ar_lm.decoding import sampling as DS
 from ar_lm.errors import UserError
+from ar_lm.model import transformer as M
 
 # init_std 0.3: logits with clear margins, so argmax comparisons are not decided by rounding
 CFGS = {
@@ -201,7 +203,7 @@ def test_second_call_with_same_shapes_does_not_recompile():
 def test_filters_never_leave_their_support():
     logits = jax.random.normal(jax.random.key(0), (2048, 40)) * 2.0
     np_logits = np.asarray(logits)
-    sample = jax.jit(D.sample_logits)
+    sample = jax.jit(DS.sample_logits)
     for settings in [dict(top_k=4), dict(top_p=0.7), dict(min_p=0.3), dict(temperature=0.8, top_k=10, top_p=0.5)]:
         s = D.Sampling.create(**settings)
         tokens = np.asarray(sample(jax.random.key(1), logits, s))
@@ -218,7 +220,7 @@ def test_composed_filters_sample_the_reference_distribution():
     logits_V = np.asarray(jax.random.normal(jax.random.key(3), (12,))) * 1.5
     settings = dict(temperature=0.7, top_k=6, top_p=0.8)
     s = D.Sampling.create(**settings)
-    tokens = jax.jit(D.sample_logits)(jax.random.key(4), jnp.broadcast_to(logits_V, (20000, 12)), s)
+    tokens = jax.jit(DS.sample_logits)(jax.random.key(4), jnp.broadcast_to(logits_V, (20000, 12)), s)
     counts = np.bincount(np.asarray(tokens), minlength=12)
     assert chi_square_pvalue(counts, np_sampling_probs(logits_V, **settings)) > 1e-3
 
@@ -321,8 +323,8 @@ def test_speculative_sampling_follows_the_target_distribution():
 
 
 def test_sharded_decode_matches_single_device():
-    from ar_lm.sharding import logical_rules, make_mesh
-    from ar_lm.train import mesh_context, param_shardings
+    from ar_lm.parallel.mesh import logical_rules, make_mesh, mesh_context
+    from ar_lm.training.state import param_shardings
 
     cfg = CFGS["llama_gqa"]
     params = params_of(cfg)
@@ -333,8 +335,8 @@ def test_sharded_decode_matches_single_device():
     sharded_params = jax.device_put(params, param_shardings(ExperimentConfig(model=cfg, mesh=mesh_cfg), mesh, rules))
     with mesh_context(mesh, rules):
         sharded = D.generate(cfg, sharded_params, prompts, N)
-        prompt_BxP, lens_B = D.prepare_prompts(cfg, prompts, N)
-        state, _, _ = D._start_jit(cfg, sharded_params, prompt_BxP, lens_B, D.GREEDY, np.uint32(0), cache_len=16,
+        prompt_BxP, lens_B = DD.prepare_prompts(cfg, prompts, N)
+        state, _, _ = DD.start_jit(cfg, sharded_params, prompt_BxP, lens_B, D.GREEDY, np.uint32(0), cache_len=16,
                                    eos_id=None)
     np.testing.assert_array_equal(sharded.tokens[:3], single.tokens)
     np.testing.assert_allclose(sharded.logprobs[:3], single.logprobs, atol=1e-4)
@@ -377,9 +379,9 @@ def test_bad_input_is_a_one_line_user_error():
 
 def make_run(path, cfg, tokenizer, seed=0, checkpoint=True):
     """A run directory as `ar-lm train` leaves it (config, tokenizer copy, one checkpoint), without training."""
-    from ar_lm import rundir
-    from ar_lm.checkpoint import Checkpointer
     from ar_lm.io import atomic_write_json, sha256_file
+    from ar_lm.training import rundir
+    from ar_lm.training.checkpoint import Checkpointer
 
     path.mkdir(parents=True)
     rundir.write_config(path, ExperimentConfig(model=cfg, mesh=MeshConfig(devices=1)))
@@ -400,7 +402,7 @@ BYTE_CFG = ModelConfig(family="gpt2", vocab_size=257, d_model=32, n_layers=2, n_
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from ar_lm.tokenizer import ByteTokenizer, CharTokenizer
+    from ar_lm.data.tokenizers import ByteTokenizer, CharTokenizer
 
     root = tmp_path_factory.mktemp("gen_runs")
     draft_cfg = ModelConfig(family="gpt2", vocab_size=257, d_model=16, n_layers=1, n_heads=2, max_seq_len=48,

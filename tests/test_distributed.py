@@ -7,17 +7,17 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from ar_lm.cli import main
 from ar_lm.config import MeshConfig, save_json
-from ar_lm.distributed import initialize
 from ar_lm.errors import UserError
-from ar_lm.launch import slurm_script, tpu_commands
-from ar_lm.train import compile_train_step, train
-from conftest import tiny_config
+from ar_lm.parallel.launch import slurm_script, tpu_commands
+from ar_lm.parallel.runtime import initialize
+from ar_lm.training.loop import train
+from ar_lm.training.step import compile_train_step
 
 
 def _losses(run_dir):
@@ -116,7 +116,7 @@ def _devices_after_configure(mesh_kwargs: dict, micro_batch: int, env: dict | No
     code = (
         "import json, jax\n"
         "from ar_lm.config import MeshConfig\n"
-        "from ar_lm.distributed import configure_cpu_devices\n"
+        "from ar_lm.parallel.runtime import configure_cpu_devices\n"
         + ("jax.numpy.zeros(1)\n" if init_first else "")
         + f"n = configure_cpu_devices(MeshConfig(**{mesh_kwargs!r}), {micro_batch})\n"
         "print(json.dumps([n, jax.device_count()]))\n"

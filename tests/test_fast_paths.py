@@ -7,12 +7,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from ar_lm import model as M
 from ar_lm.config import ExperimentConfig, ModelConfig
-from ar_lm.train import loss_fn
+from ar_lm.model import attention as MA
+from ar_lm.model import backend as MB
+from ar_lm.model import counts as MC
+from ar_lm.model import transformer as M
+from ar_lm.training.step import loss_fn
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -24,11 +26,11 @@ def test_flop_formula_matches_compiled_hlo_count(family):
     step = jax.jit(jax.value_and_grad(lambda p, x: loss_fn(p, x, ExperimentConfig(model=cfg))[0]))
     cost = step.lower(params, jnp.zeros((b, l + 1), jnp.int32)).compile().cost_analysis()
     hlo = (cost if isinstance(cost, dict) else cost[0])["flops"]
-    ours = M.flops_per_token(cfg, l) * b * l
+    ours = MC.flops_per_token(cfg, l) * b * l
     # The formula counts the l(l+1)/2 causal (query, key) pairs at 12 * H * Dh FLOPs each per layer;
     # the blocked attention computes (hi - lo) * hi pairs per query block, the masked part of the
     # diagonal blocks included: add those back, then the rest is elementwise work: within 0-6%
-    bounds = M.causal_block_bounds(l)
+    bounds = MA.causal_block_bounds(l)
     assert len(bounds) == 3  # two query blocks: a quarter of the square is skipped
     computed_pairs = sum((hi - lo) * hi for lo, hi in zip(bounds[:-1], bounds[1:]))
     extra = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * b * (computed_pairs - l * (l + 1) // 2)
@@ -54,8 +56,8 @@ def test_bf16_compute_matches_f32_within_bf16_precision():
 def test_auto_policies_pick_the_cpu_fast_path():
     cfg = ModelConfig()
     assert jax.default_backend() == "cpu"
-    assert M.resolve_compute_dtype(cfg) == jnp.float32 and M.resolve_attention(cfg) == "xla"
+    assert MB.resolve_compute_dtype(cfg) == jnp.float32 and MB.resolve_attention(cfg) == "xla"
     # remat: save matmul outputs under scan on CPU (measured faster), nothing to recompute unrolled
-    assert M.resolve_remat(cfg) == "dots"
-    assert M.resolve_remat(dataclasses.replace(cfg, scan_layers=False)) == "none"
-    assert M.cpu_compiler_options() == {"xla_backend_optimization_level": 1}
+    assert MB.resolve_remat(cfg) == "dots"
+    assert MB.resolve_remat(dataclasses.replace(cfg, scan_layers=False)) == "none"
+    assert MB.cpu_compiler_options() == {"xla_backend_optimization_level": 1}

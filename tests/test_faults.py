@@ -12,15 +12,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 
-from ar_lm import rundir
-from ar_lm.checkpoint import Checkpointer
 from ar_lm.cli import main
 from ar_lm.config import save_json
-from ar_lm.errors import EXIT_PREEMPTED
-from ar_lm.train import NonFiniteError, abstract_params, train
-from ar_lm.sharding import logical_rules, make_mesh
-from conftest import tiny_config
+from ar_lm.errors import EXIT_PREEMPTED, NonFiniteError
+from ar_lm.parallel.mesh import logical_rules, make_mesh
+from ar_lm.training import rundir
+from ar_lm.training.checkpoint import Checkpointer
+from ar_lm.training.loop import train
+from ar_lm.training.state import abstract_params
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
 
@@ -150,7 +151,7 @@ def test_second_trainer_on_same_run_dir_is_refused(tmp_path, byte_data, capsys):
     path = tmp_path / "exp.json"
     save_json(cfg, path)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from ar_lm.rundir import RunLock; "
+        "import sys, time; from ar_lm.training.rundir import RunLock; "
         f"l = RunLock({str(tmp_path / 'run')!r}).__enter__(); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -16,15 +16,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ar_lm import model as M  # noqa: E402
+from conftest import tiny_config  # noqa: E402
+
 from ar_lm.cli import main  # noqa: E402
 from ar_lm.config import load_json  # noqa: E402
-from ar_lm.data import TokenDataset  # noqa: E402
+from ar_lm.data.dataset import TokenDataset  # noqa: E402
+from ar_lm.data.pipeline import eval_batches  # noqa: E402
 from ar_lm.errors import UserError  # noqa: E402
-from ar_lm.hf import export_hf, import_hf, load_run_params, params_from_hf  # noqa: E402
-from ar_lm.pipeline import eval_batches  # noqa: E402
-from ar_lm.train import train  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from ar_lm.interop.hf import export_hf, import_hf, load_run_params
+from ar_lm.interop.hf_weights import params_from_hf  # noqa: E402
+from ar_lm.model import transformer as M  # noqa: E402
+from ar_lm.training.loop import train  # noqa: E402
 
 TOL = 1e-4  # max abs logit difference in float32 (measured: 2e-6 to 7e-6 on imports, about 1e-6 on exports)
 VOCAB = 101
@@ -100,8 +102,8 @@ def test_import_matches_transformers_logits(tmp_path, name):
 
 def test_import_bfloat16_shards_and_sentencepiece_tokenizer(tmp_path, corpus_dir):
     """A bfloat16 checkpoint in several safetensors shards, with a sentencepiece tokenizer.model."""
-    from ar_lm.hf import find_tokenizer
-    from ar_lm.tokenizer import SentencePieceTokenizer, load_tokenizer
+    from ar_lm.data.tokenizers import SentencePieceTokenizer, load_tokenizer
+    from ar_lm.interop.hf import find_tokenizer
 
     tok = SentencePieceTokenizer.train([p.read_text() for p in sorted(corpus_dir.iterdir())], vocab_size=300)
     model = hf_model("llama_gqa_untied", vocab=tok.vocab_size).to(torch.bfloat16)
@@ -122,7 +124,7 @@ def test_import_bfloat16_shards_and_sentencepiece_tokenizer(tmp_path, corpus_dir
 
 @pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied"])
 def test_greedy_decoding_equals_transformers_generate(tmp_path, name):
-    from ar_lm.decode import generate
+    from ar_lm.decoding import generate
 
     model = hf_model(name)
     cfg, params = import_model(tmp_path, name, model)
@@ -197,7 +199,7 @@ def test_export_of_ar_lm_trained_llama_loads_in_transformers(tmp_path, byte_data
 
 def test_export_of_unrolled_layers_equals_scanned():
     """`scan_layers=False` runs keep layer_0, layer_1, ...: the same weights export identically."""
-    from ar_lm.hf import params_to_hf
+    from ar_lm.interop.hf_weights import params_to_hf
 
     cfg = tiny_config(model={"vocab_size": 257, "tie_embeddings": False}).model
     shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))
@@ -222,7 +224,7 @@ def _hf_dir(tmp_path, name, config_changes=None, weights=True, model="gpt2_tied"
 
 
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capfd):
-    from ar_lm.rundir import write_config
+    from ar_lm.training.rundir import write_config
 
     def d(name):
         return str(tmp_path / name)
@@ -273,7 +275,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capfd):
 
 def test_unsupported_weights_are_named():
     """A Llama checkpoint with attention biases but a config that says none: the extra weight is named."""
-    from ar_lm.hf import model_config_from_hf, params_to_hf
+    from ar_lm.interop.hf_config import model_config_from_hf
+    from ar_lm.interop.hf_weights import params_to_hf
 
     cfg = model_config_from_hf(hf_model("llama_gqa_untied").config.to_dict())
     shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))
@@ -284,7 +287,9 @@ def test_unsupported_weights_are_named():
 
 
 def test_core_package_does_not_import_torch_or_transformers():
-    code = ("import sys, ar_lm.cli, ar_lm.hf, ar_lm.train, ar_lm.evaluate; "
+    code = ("import importlib, pkgutil, sys, ar_lm; "
+            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(ar_lm.__path__, 'ar_lm.') "
+            "if m.name != 'ar_lm.__main__']; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ar_lm import model as M
 from ar_lm.config import ExperimentConfig, ModelConfig
-from ar_lm.train import loss_fn
+from ar_lm.model import attention as MA
+from ar_lm.model import counts as MC
+from ar_lm.model import transformer as M
+from ar_lm.training.step import loss_fn
 
 CONFIGS = {
     "gpt2": ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=16),
@@ -85,7 +87,7 @@ def test_param_count_formula_matches_init(name):
     cfg = CONFIGS[name]
     params = M.init_params_jit(cfg, jax.random.key(0))
     counted = sum(x.size for x in jax.tree.leaves(params))
-    counts = M.param_counts(cfg)
+    counts = MC.param_counts(cfg)
     assert counts["total"] == counted
     emb = params["embed"].size + params.get("pos_embed", np.zeros(0)).size + params.get("unembed", np.zeros(0)).size
     assert counts["non_embedding"] == counted - emb
@@ -139,10 +141,10 @@ def test_blocked_causal_attention_matches_masked_attention(heads, kv_heads, boun
     pos = jnp.broadcast_to(jnp.arange(l), (b, l))
 
     def masked(q, k, v):  # xla_attention takes keys and values heads-first, [B, K, S, Dh], as the cache holds them
-        return M.xla_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), M.attention_mask(pos, pos))
+        return MA.xla_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), MA.attention_mask(pos, pos))
 
     def blocked(q, k, v):
-        return M.causal_attention(q, k, v, bounds)
+        return MA.causal_attention(q, k, v, bounds)
 
     out_ref, vjp_ref = jax.vjp(masked, q, k, v)
     out, vjp = jax.vjp(blocked, q, k, v)
@@ -153,7 +155,7 @@ def test_blocked_causal_attention_matches_masked_attention(heads, kv_heads, boun
 
 def test_causal_block_bounds_cover_the_sequence():
     for length in (1, 12, 64, 130, 256, 1000, 4096):
-        bounds = M.causal_block_bounds(length)
+        bounds = MA.causal_block_bounds(length)
         assert bounds[0] == 0 and bounds[-1] == length and all(a < b for a, b in zip(bounds, bounds[1:]))
         assert len(bounds) - 1 == max(1, min(8, length // 64))
 
@@ -164,7 +166,7 @@ def test_model_blocked_causal_path_matches_masked_path():
     params = M.init_params_jit(cfg, jax.random.key(0))
     tokens = _tokens(cfg, b=2, l=130)
     positions = jnp.broadcast_to(jnp.arange(130), (2, 130))
-    assert len(M.causal_block_bounds(130)) == 3  # two query blocks
+    assert len(MA.causal_block_bounds(130)) == 3  # two query blocks
     blocked = logits_of(cfg, params, tokens)
     masked = jax.jit(lambda p, t: M.apply(cfg, p, t, positions_BxL=positions))(params, tokens)
     np.testing.assert_allclose(blocked, masked, rtol=1e-5, atol=1e-5)
@@ -193,9 +195,9 @@ def test_kv_cache_forward_matches_full_forward():
 def test_flops_formula_counts_causal_attention_once():
     cfg = CONFIGS["gpt2"]
     L = 16
-    f = M.flops_per_token(cfg, L)
+    f = MC.flops_per_token(cfg, L)
     d, v = cfg.d_model, cfg.vocab_size
     matmul = cfg.n_layers * (4 * d * d + 2 * d * cfg.ff_dim) + d * v
     assert f == 6 * matmul + 6 * cfg.n_layers * d * (L + 1)
     # the attention term grows with context length, the rest does not
-    assert M.flops_per_token(cfg, 2 * L) - f == 6 * cfg.n_layers * d * L
+    assert MC.flops_per_token(cfg, 2 * L) - f == 6 * cfg.n_layers * d * L

@@ -4,14 +4,15 @@ import math
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from scipy import optimize
 
-from ar_lm import fit as F
 from ar_lm.config import ModelConfig
 from ar_lm.errors import UserError
-from ar_lm.model import flops_per_token, param_counts
-from ar_lm.scaling import ShapeRule, isoflop_sweep, ladder, ladder_model
-from conftest import tiny_config
+from ar_lm.model.counts import flops_per_token, param_counts
+from ar_lm.scaling import ShapeRule, grid_sweep, isoflop_sweep, ladder, ladder_model
+from ar_lm.scaling import fit as F
+from ar_lm.scaling import points as P
 
 TRUE = {"E": 1.8, "A": 400.0, "B": 600.0, "alpha": 0.35, "beta": 0.30}
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -26,7 +27,7 @@ def _noisy_grid(seed=0, noise=0.005):
     n, d = np.meshgrid(np.geomspace(1e6, 1e9, 7), np.geomspace(1e8, 1e11, 7))
     n, d = n.ravel(), d.ravel()
     loss = _law(TRUE, n, d) * np.exp(rng.normal(0, noise, n.size))
-    return F.Points(n, d, 6 * n * d, loss)
+    return P.Points(n, d, 6 * n * d, loss)
 
 
 def test_parametric_fit_recovers_known_law():
@@ -73,7 +74,7 @@ def test_approach2_recovers_the_frontier():
         for n in n_star * np.geomspace(1 / 4, 4, 7):
             rows.append((n, c / (6 * n), c, _law(p, n, c / (6 * n)), g))
     arr = np.array(rows)
-    pts = F.Points(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], group=arr[:, 4].astype(int))
+    pts = P.Points(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], group=arr[:, 4].astype(int))
     res = F.fit_points(pts, n_boot=20, approaches=(2,))["approach2"]
     assert res["a"] == pytest.approx(p["a"], abs=0.02)
     assert res["b"] == pytest.approx(p["b"], abs=0.02)
@@ -103,6 +104,23 @@ def test_isoflop_points_spend_their_budget():
     assert sizes == sorted(sizes) and sizes[-1] / sizes[0] > 4
 
 
+def test_grid_sweep_crosses_every_size_with_every_token_budget():
+    base = tiny_config(model={"vocab_size": 257, "max_seq_len": 64}, data={"seq_len": 64, "batch_size": 8})
+    rule = ShapeRule(aspect=32, head_dim=16)
+    sizes, tokens = (3e4, 1e5, 3e5), (2e5, 1e6)
+    points = grid_sweep(base, sizes, tokens, rule=rule)
+    assert [p.name for p in points] == [f"n{i}_d{j}" for i in range(3) for j in range(2)]
+    tokens_per_step = base.data.batch_size * base.data.seq_len
+    for p in points:
+        i, j = p.coords["size_index"], p.coords["tokens_index"]
+        assert p.config.model == ladder_model(base.model, sizes[i], rule) and p.config.name == p.name
+        assert p.coords["N"] == param_counts(p.config.model)["non_embedding"]
+        assert p.coords["D"] == p.config.total_steps * tokens_per_step
+        assert abs(p.coords["D"] - tokens[j]) <= tokens_per_step / 2  # the nearest whole number of steps
+        assert p.coords["C"] == flops_per_token(p.config.model, base.data.seq_len) * p.coords["D"]
+    assert len({p.coords["N"] for p in points}) == 3
+
+
 def test_budget_too_small_is_an_error():
     base = tiny_config(model={"vocab_size": 257})
     with pytest.raises(UserError, match="too small"):
@@ -124,7 +142,7 @@ def test_ladder_hits_target_size(target):
 def test_points_csv_validation(tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("params,flops,loss\n" + "\n".join(f"{n},{c},{3 + 1e3 / n ** 0.3}" for n in (1e6, 2e6, 4e6) for c in (1e18, 1e19)))
-    pts = F.points_from_csv(good)
+    pts = P.points_from_csv(good)
     assert np.allclose(pts.D, pts.C / (6 * pts.N)) and len(set(pts.group)) == 2
     cases = {
         "params,loss\n1,2\n": "needs columns",
@@ -135,10 +153,10 @@ def test_points_csv_validation(tmp_path):
         path = tmp_path / f"bad{i}.csv"
         path.write_text(text)
         with pytest.raises(UserError, match=fragment):
-            F.points_from_csv(path)
+            P.points_from_csv(path)
     few = tmp_path / "few.csv"
     few.write_text("params,tokens,loss\n1e6,1e9,3.0\n2e6,1e9,2.9\n")
     with pytest.raises(UserError, match="too few points"):
-        F.fit_points(F.points_from_csv(few), n_boot=0, approaches=(2,))
+        F.fit_points(P.points_from_csv(few), n_boot=0, approaches=(2,))
     with pytest.raises(UserError, match="needs at least 5 points"):
-        F.fit_points(F.points_from_csv(few), n_boot=0, approaches=(3,))
+        F.fit_points(P.points_from_csv(few), n_boot=0, approaches=(3,))

@@ -2,7 +2,6 @@
 synthetic source's entropy-rate floor."""
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -13,17 +12,17 @@ import time
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from ar_lm.cli import main
-from ar_lm.data import TokenDataset, synthetic_splits, write_dataset
-from ar_lm.synthetic import MarkovSource
-from ar_lm.train import train
-from conftest import tiny_config
+from ar_lm.data.dataset import write_dataset
+from ar_lm.data.synthetic import MarkovSource, synthetic_splits
+from ar_lm.training.loop import train
 
 EXPERIMENT = '''
 import dataclasses
 from ar_lm.config import DataConfig, ExperimentConfig, LoggingConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from ar_lm.scaling import ShapeRule, Sweep, SweepPoint, isoflop_sweep
+from ar_lm.scaling.sweeps import ShapeRule, Sweep, SweepPoint, isoflop_sweep
 
 RULE = ShapeRule(aspect=16, head_dim=8)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ar_lm.tokenizer import ByteTokenizer, CharTokenizer, SentencePieceTokenizer
+from ar_lm.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer
 
 CODE = '''def f(x):\n\tif x  >  1:\n        return "héllo"  # comment\r\n\n\n    return [1, 2,   3]\n'''
 SAMPLES = [

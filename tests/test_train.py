@@ -6,18 +6,19 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from ar_lm import model as M
-from ar_lm.config import MeshConfig
-from ar_lm.data import TokenDataset, file_documents, stdlib_documents, unigram_entropy_bits, write_dataset
-from ar_lm.errors import UserError
-from ar_lm.optimizer import lr_schedule, make_optimizer
-from ar_lm.sharding import logical_rules, logical_sharding, make_mesh
-from ar_lm.train import init_state, loss_fn, make_train_step, mesh_context, state_shardings, train
 from conftest import tiny_config
+
+from ar_lm.config import MeshConfig
+from ar_lm.data.dataset import TokenDataset, unigram_entropy_bits, write_dataset
+from ar_lm.data.sources import stdlib_documents
+from ar_lm.errors import UserError
+from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
+from ar_lm.training.loop import train
+from ar_lm.training.optimizer import lr_schedule, make_optimizer
+from ar_lm.training.state import init_state, state_shardings
+from ar_lm.training.step import loss_fn, make_train_step
 
 MESHES = {
     "dp8": MeshConfig(data=8, rules="dp"),

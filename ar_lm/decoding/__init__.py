@@ -1,0 +1,18 @@
+"""Decoding: sampling, KV-cache generation, beam search, speculative decoding, streaming, `ar-lm generate`.
+
+`sampling` (the `Sampling` filters), `generate` (prefill + scan/while decoding), `beam` (beam search),
+`speculative` (draft and verify), `streaming` (chunked decoding that yields tokens), `command`
+(`ar-lm generate`). Imports the base layer, `ar_lm.model`, `ar_lm.data` (tokenizers),
+`ar_lm.parallel` (meshes) and `ar_lm.training` (run directories and checkpoints).
+
+The Python API: ``from ar_lm.decoding import generate, beam_search, speculative_generate, stream, Sampling``.
+"""
+
+from ar_lm.decoding.beam import BeamResult, beam_search
+from ar_lm.decoding.decoder import Generation, generate
+from ar_lm.decoding.sampling import GREEDY, Sampling
+from ar_lm.decoding.speculative import speculative_generate
+from ar_lm.decoding.streaming import stream
+
+__all__ = ["BeamResult", "GREEDY", "Generation", "Sampling", "beam_search", "generate", "speculative_generate",
+           "stream"]

@@ -1,0 +1,208 @@
+"""`ar-lm generate`: load a run (and a draft), pick the decoder, print text or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from ar_lm.config import ModelConfig
+from ar_lm.data.tokenizers import load_tokenizer
+from ar_lm.decoding.beam import beam_search
+from ar_lm.decoding.decoder import generate
+from ar_lm.decoding.sampling import Sampling
+from ar_lm.decoding.speculative import speculative_generate
+from ar_lm.decoding.streaming import stream
+from ar_lm.errors import require
+from ar_lm.parallel.mesh import logical_rules, make_mesh, mesh_context
+from ar_lm.training import rundir
+from ar_lm.training.checkpoint import restore_latest_params
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    cfg: ModelConfig
+    params: object
+    tokenizer: object
+    tokenizer_meta: dict
+
+
+def decode_mesh(run_dir: str | Path):
+    """Mesh and rules for decoding a run: no data/fsdp split (one prompt), the run's tensor parallelism
+    when this host has enough devices."""
+    mesh_cfg = rundir.load_run_config(Path(run_dir)).mesh
+    tensor = mesh_cfg.tensor if 1 <= mesh_cfg.tensor <= jax.device_count() else 1
+    mesh_cfg = dataclasses.replace(mesh_cfg, data=1, fsdp=1, tensor=tensor, devices=tensor,
+                                   dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    return make_mesh(mesh_cfg), logical_rules(mesh_cfg)
+
+
+def load_run(run_dir: str | Path, mesh=None, rules=None) -> LoadedRun:
+    """The model config and tokenizer of a run (None for an imported model whose tokenizer ar_lm does
+    not read), and with a mesh its latest-checkpoint parameters placed on it."""
+    run_dir = Path(run_dir).absolute()
+    cfg = rundir.load_run_config(run_dir)
+    tok_meta_path = run_dir / rundir.TOKENIZER / "metadata.json"
+    tokenizer, tok_meta = None, {}
+    if tok_meta_path.is_file():
+        tok_meta = json.loads(tok_meta_path.read_text())["tokenizer"]
+        tokenizer = load_tokenizer(run_dir / rundir.TOKENIZER, tok_meta["kind"])
+        require(tokenizer.vocab_size == cfg.model.vocab_size,
+                f"run {run_dir} has a tokenizer of {tokenizer.vocab_size} tokens but a model of {cfg.model.vocab_size}")
+    if mesh is None:
+        return LoadedRun(cfg.model, None, tokenizer, tok_meta)
+    _, params = restore_latest_params(run_dir, cfg, mesh, rules)
+    return LoadedRun(cfg.model, params, tokenizer, tok_meta)
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """'1, 2 3' -> [1, 2, 3] (commas and/or spaces)."""
+    parts = text.replace(",", " ").split()
+    require(parts and all(p.lstrip("-").isdigit() for p in parts),
+            f"--prompt-ids takes integers separated by commas or spaces, got {text!r}")
+    return [int(p) for p in parts]
+
+
+def _check_same_tokenizer(target: LoadedRun, draft: LoadedRun, draft_dir) -> None:
+    require(draft.cfg.vocab_size == target.cfg.vocab_size,
+            f"draft run {draft_dir} has a vocabulary of {draft.cfg.vocab_size} tokens but the target has "
+            f"{target.cfg.vocab_size}: use a draft trained with the same tokenizer")
+    require(draft.tokenizer_meta.get("sha256") == target.tokenizer_meta.get("sha256"),
+            f"draft run {draft_dir} uses a different tokenizer than the target (same size, other contents): "
+            "use a draft trained with the same tokenizer")
+
+
+class _TextStream:
+    """Prints the decoded text of a growing token list, holding back an incomplete UTF-8 tail."""
+
+    def __init__(self, tokenizer, eos_id):
+        self.tokenizer, self.eos_id, self.tokens, self.printed = tokenizer, eos_id, [], ""
+
+    def add(self, tokens, final: bool = False) -> None:
+        self.tokens += [int(t) for t in tokens if int(t) != self.eos_id]
+        text = self.tokenizer.decode(self.tokens)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if text.startswith(self.printed) or final:  # (a re-decoded prefix is not reprinted)
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def _sampling(args) -> Sampling:
+    """The sampler the flags ask for, checking the flags that do not combine."""
+    sampling_flags = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
+                      "--min-p": args.min_p}
+    sampling = Sampling.create(1.0 if args.temperature is None else args.temperature, args.top_k,
+                               1.0 if args.top_p is None else args.top_p, 0.0 if args.min_p is None else args.min_p)
+    require(args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}")
+    require(args.beams >= 1, f"--beams must be >= 1, got {args.beams}")
+    if args.beams > 1:
+        given = [flag for flag, value in sampling_flags.items() if value is not None]
+        require(not given, f"beam search is deterministic: drop {', '.join(given)} or --beams")
+        require(args.draft is None, "beam search and speculative decoding do not combine: drop --draft or --beams")
+        require(args.num_samples == 1, "beam search returns --beams hypotheses: drop --num-samples")
+    require((args.prompt is None) != (args.prompt_ids is None), "give --prompt TEXT or --prompt-ids IDS (one of them)")
+    return sampling
+
+
+def generate_command(args) -> int:
+    """`ar-lm generate RUN_DIR --prompt TEXT | --prompt-ids IDS ...` (see `ar_lm.cli`)."""
+    sampling = _sampling(args)
+    target = load_run(args.run_dir)  # config and tokenizer: check everything before restoring anything
+    if args.draft is not None:
+        _check_same_tokenizer(target, load_run(args.draft), args.draft)
+    tok = target.tokenizer
+    require(tok is not None or args.prompt is None,
+            f"run {args.run_dir} has no text tokenizer (an imported model's tokenizer ar_lm does not read): "
+            "give --prompt-ids")
+    mesh, rules = decode_mesh(args.run_dir)
+    target = load_run(args.run_dir, mesh, rules)  # now with its parameters
+    draft = None if args.draft is None else load_run(args.draft, mesh, rules)
+    eos_id = args.eos_id if args.eos_id is not None else (tok.eos_id if tok is not None else None)
+    if args.prompt_ids is not None:  # ids as given, e.g. from the model's own (Hugging Face) tokenizer
+        prompt_ids = parse_token_ids(args.prompt_ids)
+    else:  # EOS separates documents: the prompt starts one
+        prompt_ids = [eos_id] + list(tok.encode(args.prompt))
+    n = args.max_new_tokens
+    if n is None:
+        n = max(1, min(64, target.cfg.max_seq_len - len(prompt_ids)))
+    t0 = time.perf_counter()
+    with mesh_context(mesh, rules):
+        if not (args.beams > 1 or args.json or args.num_samples > 1 or args.prompt is None):
+            return _stream_text(args, target, draft, prompt_ids, n, sampling, eos_id, t0)
+        samples, extra = _decode(args, target, draft, prompt_ids, n, sampling, eos_id)
+    _print_samples(args, samples, extra, prompt_ids, tok, eos_id)
+    if not args.json:
+        _report(sum(len(s["tokens"]) for s in samples), len(samples), time.perf_counter() - t0, extra,
+                args.draft_tokens)
+    return 0
+
+
+def _decode(args, target: LoadedRun, draft, prompt_ids, n, sampling, eos_id) -> tuple[list[dict], dict]:
+    """(samples, extra): beam hypotheses (with scores), or samples (speculative with a draft)."""
+    cfg = target.cfg
+    if args.beams > 1:
+        res = beam_search(cfg, target.params, [prompt_ids], n, args.beams,
+                          length_penalty_alpha=args.length_penalty, eos_id=eos_id)
+        return [dict(tokens=res.sequences[0, i, : res.lengths[0, i]], logprobs=res.logprobs[0, i, : res.lengths[0, i]],
+                     score=float(res.scores[0, i])) for i in range(args.beams)], {}
+    prompts = [prompt_ids] * args.num_samples
+    if draft is None:
+        res, extra = generate(cfg, target.params, prompts, n, sampling, seed=args.seed, eos_id=eos_id), {}
+    else:
+        res = speculative_generate(cfg, target.params, draft.cfg, draft.params, prompts, n, sampling,
+                                   draft_tokens=args.draft_tokens, seed=args.seed, eos_id=eos_id)
+        extra = {"acceptance_rate": res.acceptance_rate, "target_passes": res.target_passes}
+    return [dict(tokens=res.tokens[i, : res.lengths[i]], logprobs=res.logprobs[i, : res.lengths[i]])
+            for i in range(args.num_samples)], extra
+
+
+def _stream_text(args, target: LoadedRun, draft, prompt_ids, n, sampling, eos_id, t0) -> int:
+    """One sample, streamed to the terminal as it is produced."""
+    out, extra = _TextStream(target.tokenizer, eos_id), {}
+    sys.stdout.write(args.prompt)
+    parts = stream(target.cfg, target.params, prompt_ids, n, sampling, seed=args.seed, eos_id=eos_id,
+                   draft=None if draft is None else (draft.cfg, draft.params), draft_tokens=args.draft_tokens,
+                   stats=extra)
+    n_tokens = 0
+    for tokens, _ in parts:
+        out.add(tokens)
+        n_tokens += len(tokens)
+    out.add([], final=True)
+    sys.stdout.write("\n")
+    _report(n_tokens, 1, time.perf_counter() - t0, extra, args.draft_tokens)
+    return 0
+
+
+def _print_samples(args, samples: list[dict], extra: dict, prompt_ids, tok, eos_id) -> None:
+    text = (lambda ids: tok.decode([t for t in ids if t != eos_id])) if tok is not None else None
+    if args.json:
+        print(json.dumps({
+            **({"prompt": args.prompt} if args.prompt is not None else {}), "prompt_tokens": prompt_ids, **extra,
+            "samples": [{**({"text": text(s["tokens"].tolist())} if text else {}),
+                         "tokens": s["tokens"].tolist(), "logprobs": [round(float(x), 6) for x in s["logprobs"]],
+                         **({"score": s["score"]} if "score" in s else {})} for s in samples],
+        }))
+        return
+    for i, s in enumerate(samples):
+        label = f"beam {i} (score {s['score']:.4f})" if "score" in s else f"sample {i}"
+        print(f"--- {label} ---")
+        if args.prompt is not None:
+            print(args.prompt + text(s["tokens"].tolist()))
+        else:  # ids in, ids out (and the text too when the run has a tokenizer)
+            print(" ".join(str(t) for t in s["tokens"].tolist()))
+            if text:
+                print(text(prompt_ids + s["tokens"].tolist()))
+
+
+def _report(n_tokens: int, rows: int, seconds: float, extra: dict, k: int) -> None:
+    line = f"[generate] {n_tokens} tokens in {seconds:.2f} s (including compilation)"
+    if "acceptance_rate" in extra:
+        line += (f"; speculative: acceptance rate {extra['acceptance_rate']:.3f} with {k} draft tokens, "
+                 f"{n_tokens / rows / max(extra['target_passes'], 1):.2f} tokens per row per target pass")
+    print(line, file=sys.stderr)

@@ -1,0 +1,175 @@
+"""Causal self-attention: masks, three attention implementations, the KV-cache write, the module.
+
+Shapes are in names: B batch, L query length, S key/cache length, H query heads, K kv heads,
+G = H/K query heads per kv head, Dh head dim. A query at position p sees keys at positions 0..p that
+are valid (key position >= 0). Training passes no cache (positions 0..L-1); decoding passes a KV
+cache of shape [layers, B, K, S, Dh] plus the position of every cache slot (-1: empty).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ar_lm.config import ModelConfig
+from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
+from ar_lm.model.layers import RMSNorm, param, rope
+
+Array = jax.Array
+
+
+def attention_mask(q_pos_BxL: Array, kv_pos_BxS: Array) -> Array:
+    """mask[b, l, s] = key s is valid (position >= 0) and not in the future of query l."""
+    kv = kv_pos_BxS[:, None, :]
+    return (kv >= 0) & (kv <= q_pos_BxL[:, :, None])
+
+
+def xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS) -> Array:
+    """softmax(q k^T / sqrt(Dh) + mask) v, hand-written, for any mask (KV-cache decoding, padding);
+    grouped heads share their kv head. Keys and values come heads-first, as the cache holds them, so
+    the score and value matmuls need no transpose of the cache."""
+    b, l, h, dh = q_BxLxHxDh.shape
+    kh = k_BxKxSxDh.shape[1]
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
+    scores_BxKxGxLxS = jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxDh, k_BxKxSxDh) * (dh**-0.5)
+    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32)
+    big_neg = jnp.finfo(jnp.float32).min
+    scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, big_neg)
+    probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxKxSxDh.dtype)
+    out_BxLxKxGxDh = jnp.einsum("bkgls,bksd->blkgd", probs, v_BxKxSxDh)
+    return out_BxLxKxGxDh.reshape(b, l, h, dh)
+
+
+def causal_block_bounds(length: int, block: int = 64, max_blocks: int = 8) -> list[int]:
+    """Query-block boundaries for `causal_attention`: about `length / block` blocks (at most
+    `max_blocks`), so 64-128 query rows per block at the sequence lengths we train."""
+    n = max(1, min(max_blocks, length // block))
+    return [round(i * length / n) for i in range(n + 1)]
+
+
+def causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bounds=None) -> Array:
+    """Plain causal self-attention (positions 0..L-1), skipping the masked upper triangle.
+
+    Queries are cut into blocks [lo, hi); a block attends to keys [0, hi) only, so with n blocks
+    the score and value matmuls cost (n+1)/(2n) of the full L x L square (0.625 at n=4), and
+    heads lead the layout ([B, K, G*c, Dh] x [B, K, S, Dh]) so every matmul is a plain batched
+    2-D one. Same result as `xla_attention` with the causal mask.
+    """
+    b, l, h, dh = q_BxLxHxDh.shape
+    kh = k_BxLxKxDh.shape[2]
+    g = h // kh
+    q_BxKxGxLxDh = (q_BxLxHxDh * dh**-0.5).reshape(b, l, kh, g, dh).transpose(0, 2, 3, 1, 4)
+    k_BxKxLxDh, v_BxKxLxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh))
+    big_neg = jnp.finfo(jnp.float32).min
+    outs = []
+    bounds = bounds or causal_block_bounds(l)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        c = hi - lo
+        q_BxKxXxDh = q_BxKxGxLxDh[:, :, :, lo:hi].reshape(b, kh, g * c, dh)
+        scores = jnp.einsum("bkxd,bksd->bkxs", q_BxKxXxDh, k_BxKxLxDh[:, :, :hi], preferred_element_type=jnp.float32)
+        scores_BxKxGxCxS = scores.reshape(b, kh, g, c, hi)
+        q_pos = jax.lax.broadcasted_iota(jnp.int32, (c, hi), 0) + lo
+        k_pos = jax.lax.broadcasted_iota(jnp.int32, (c, hi), 1)
+        scores_BxKxGxCxS = jnp.where(k_pos <= q_pos, scores_BxKxGxCxS, big_neg)
+        probs = jax.nn.softmax(scores_BxKxGxCxS, axis=-1).astype(v_BxLxKxDh.dtype).reshape(b, kh, g * c, hi)
+        outs.append(jnp.einsum("bkxs,bksd->bkxd", probs, v_BxKxLxDh[:, :, :hi]).reshape(b, kh, g, c, dh))
+    out_BxKxGxLxDh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS=None) -> Array:
+    """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when shapes allow);
+    no mask: plain causal self-attention."""
+    if mask_BxLxS is None:  # let the kernel build the causal mask
+        return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, is_causal=True)
+    return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None])
+
+
+def write_cache(cache_LxBxKxSxDh: Array, layer, cache_index, new_BxKxLxDh: Array) -> Array:
+    """Write a chunk into slice `layer` of a cache at slot `cache_index`: one slot for the whole
+    batch (a scalar), or a slot per row ([B]; speculative rows advance by different amounts)."""
+    new = new_BxKxLxDh.astype(cache_LxBxKxSxDh.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32)
+    index = jnp.asarray(cache_index, jnp.int32)
+    if index.ndim == 1 and index.shape[0] == 1:  # one row: its slot is the batch's
+        index = index[0]
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache_LxBxKxSxDh, new[None], (layer, zero, zero, index, zero))
+
+    def write_row(b, c):  # row by row, each an in-place slice update (a vmapped one becomes a slow scatter)
+        return jax.lax.dynamic_update_slice(c, new[b][None, None], (layer, b, zero, index[b], zero))
+
+    return jax.lax.fori_loop(0, new.shape[0], write_row, cache_LxBxKxSxDh)
+
+
+def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer, kv_pos_BxS,
+           cache_index):
+    """Attention output [B, L, H, Dh] for a chunk's projected queries, keys and values, and the new cache.
+
+    No positions of keys (`kv_pos_BxS` None): plain causal self-attention over 0..L-1. With a cache, the
+    chunk is written into slice `layer` at `cache_index` (in place, a loop carry) and attention reads the
+    whole slice, masked by the position of each slot."""
+    dtype = resolve_compute_dtype(cfg)
+    if cache is None:  # keys and values are the chunk itself
+        k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh))
+        new_cache = None
+    else:  # write the chunk into slice `layer` of the whole cache (in place, a carry), then read it
+        new_cache = {n: write_cache(cache[n], layer, cache_index, new.transpose(0, 2, 1, 3))
+                     for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
+        k_BxKxSxDh, v_BxKxSxDh = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dtype)
+                                  for n in ("k", "v"))
+
+    dot_product = resolve_attention(cfg) == "dot_product"
+    if kv_pos_BxS is None:  # training/scoring: plain causal over positions 0..L-1, no cache
+        causal = dot_product_attention if dot_product else causal_attention
+        out_BxLxHxDh = causal(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
+    elif dot_product:
+        out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxKxSxDh, v_BxKxSxDh)),
+                                             attention_mask(positions_BxL, kv_pos_BxS))
+    else:
+        out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, attention_mask(positions_BxL, kv_pos_BxS))
+    return out_BxLxHxDh, new_cache
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, cache, layer, kv_pos_BxS, cache_index):
+        cfg = self.cfg
+        dtype = resolve_compute_dtype(cfg)
+        pdt = jnp.dtype(cfg.param_dtype)
+        d, h, kh, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        init = nn.initializers.normal(cfg.init_std)
+        out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        bias = cfg.family == "gpt2"
+
+        def project(name, n, axes):
+            w = param(self, f"{name}_kernel", init, (d, n, dh), ("embed", axes, "head_dim"), pdt)
+            # a 2-D matmul (d -> n*dh): XLA:CPU runs it much faster than the 3-D einsum
+            y = (x_BxLxD @ w.reshape(d, n * dh).astype(dtype)).reshape(*x_BxLxD.shape[:2], n, dh)
+            if bias:
+                y = y + param(self, f"{name}_bias", nn.initializers.zeros, (n, dh), (axes, "head_dim"), pdt).astype(dtype)
+            return y
+
+        q_BxLxHxDh = project("q", h, "heads")
+        k_BxLxKxDh = project("k", kh, "kv_heads")
+        v_BxLxKxDh = project("v", kh, "kv_heads")
+        if cfg.qk_norm:
+            q_BxLxHxDh = RMSNorm(cfg.norm_eps, pdt, axis_name="head_dim", name="q_norm")(q_BxLxHxDh)
+            k_BxLxKxDh = RMSNorm(cfg.norm_eps, pdt, axis_name="head_dim", name="k_norm")(k_BxLxKxDh)
+        if cfg.family == "llama":
+            q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
+            k_BxLxKxDh = rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
+        q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ("batch", "length", "heads", "head_dim"))
+
+        out_BxLxHxDh, new_cache = attend(cfg, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer,
+                                         kv_pos_BxS, cache_index)
+
+        wo = param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
+        y_BxLxD = out_BxLxHxDh.reshape(*out_BxLxHxDh.shape[:2], h * dh) @ wo.reshape(h * dh, d).astype(dtype)
+        if bias:
+            y_BxLxD = y_BxLxD + param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dtype)
+        return y_BxLxD, new_cache

@@ -1,0 +1,49 @@
+"""Per-backend defaults of the model's `auto` settings, and XLA:CPU compiler options.
+
+Each `resolve_*` turns an `auto` config value into what runs on the current backend; the measurements
+behind the choices are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ar_lm.config import ModelConfig
+
+
+def resolve_compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """`auto`: float32 on CPU (bf16 is slower there), bfloat16 on GPU/TPU."""
+    if cfg.compute_dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def resolve_attention(cfg: ModelConfig) -> str:
+    """`auto`: the hand-written masked softmax on CPU/TPU, `jax.nn.dot_product_attention` on GPU
+    (cuDNN flash attention)."""
+    if cfg.attention == "auto":
+        return "dot_product" if jax.default_backend() == "gpu" else "xla"
+    return cfg.attention
+
+
+def resolve_remat(cfg: ModelConfig) -> str:
+    """`auto`: `dots` on CPU when layers are scanned, else `none`.
+
+    On XLA:CPU the backward of `nn.scan` stacks every saved activation of every layer into
+    [n_layers, ...] buffers; saving only the matmul outputs and recomputing the cheap elementwise
+    work avoids that. Unrolled layers gain nothing from it, and on GPU/TPU recomputation only costs
+    time.
+    """
+    if cfg.remat == "auto":
+        return "dots" if cfg.scan_layers and jax.default_backend() == "cpu" else "none"
+    return cfg.remat
+
+
+def cpu_compiler_options() -> dict:
+    """XLA:CPU backend (LLVM) optimisation level 1 for a program; empty on GPU/TPU.
+
+    Level 1 compiles faster than the default at the same step time (the matmuls are library
+    calls); level 0 compiles faster still but runs slower.
+    """
+    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}

@@ -1,0 +1,137 @@
+"""Process start-up, before any computation: `jax.distributed`, host CPU devices, the compilation cache.
+
+- TPU pods and Slurm: `jax.distributed.initialize()` finds the coordinator, process count and id
+  from the environment (TPU metadata, SLURM_* variables).
+- Elsewhere: explicitly, from flags or AR_LM_COORDINATOR / AR_LM_NUM_PROCESSES / AR_LM_PROCESS_ID.
+
+A missing peer fails after `timeout` seconds with a one-line message instead of hanging for
+jax's default five minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import jax
+
+from ar_lm.errors import UserError, require
+
+
+def _on_tpu_pod() -> bool:
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")) and "," in os.environ.get(
+        "TPU_WORKER_HOSTNAMES", ","
+    )
+
+
+def _under_slurm() -> bool:
+    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, timeout: int = 120) -> bool:
+    """Start the multi-controller runtime if this is a multi-process run; returns whether it did."""
+    coordinator = coordinator or os.environ.get("AR_LM_COORDINATOR")
+    num_processes = num_processes or _int_env("AR_LM_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _int_env("AR_LM_PROCESS_ID")
+    explicit = coordinator is not None or num_processes is not None or process_id is not None
+    if explicit:
+        require(coordinator and num_processes and process_id is not None,
+                "a multi-process run needs --coordinator HOST:PORT, --num-processes N and --process-id I together")
+        require(0 <= process_id < num_processes, f"--process-id {process_id} is outside [0, {num_processes})")
+        if num_processes == 1:
+            return False
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    elif _on_tpu_pod() or _under_slurm():
+        kwargs = {}
+    else:
+        return False
+    where = coordinator or "the auto-detected coordinator"
+    message = (f"could not start the {num_processes or '?'}-process run through {where} within {timeout} s: "
+               "check that every process was started and the address is reachable")
+    # jax's runtime aborts the whole process (a C++ fatal error) when a peer never comes, so a
+    # watchdog says what went wrong, in one line, and exits with status 2 just before that
+    watchdog = threading.Timer(timeout, _give_up, args=(message,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout + 30)
+    except Exception as e:  # noqa: BLE001 - jax raises several types for an unreachable peer
+        raise UserError(f"{message} ({type(e).__name__})") from None
+    finally:
+        watchdog.cancel()
+    return True
+
+
+def multi_process_requested(coordinator: Optional[str] = None) -> bool:
+    return bool(coordinator or os.environ.get("AR_LM_COORDINATOR") or _on_tpu_pod() or _under_slurm())
+
+
+def configure_cpu_devices(mesh, micro_batch: int, max_auto: int = 8) -> Optional[int]:
+    """Split the CPU into host-platform devices (data parallel across them) before JAX starts;
+    returns the count set, or None where it is not ours to set.
+
+    `mesh.cpu_devices` > 0 is taken as given. 0 (auto): `mesh.devices` if set; the product of the
+    mesh sizes if none is -1; else one device per core (at most `max_auto`) that the fixed mesh
+    sizes and the micro-batch divide (devices splitting the batch beat one device splitting every op
+    over all cores; see docs/performance.md). Left alone when JAX_NUM_CPU_DEVICES or
+    --xla_force_host_platform_device_count is set (the local launcher sets it) and once JAX has
+    started its backends. A machine with accelerators ignores the host-platform count.
+    """
+    from jax._src import xla_bridge
+
+    if ("JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or xla_bridge.backends_are_initialized() or jax.config.jax_num_cpu_devices != -1):
+        return None
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    fixed = math.prod(s for s in sizes if s != -1)
+    if mesh.cpu_devices:
+        n = mesh.cpu_devices
+    elif mesh.devices:
+        n = mesh.devices
+    elif -1 not in sizes:
+        n = fixed
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        limit = max(min(cores, max_auto), fixed)
+        n = max((d for d in range(fixed, limit + 1, fixed) if micro_batch % d == 0), default=fixed)
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache for the commands that compile (train, eval, generate):
+    a repeated run of the same shapes loads its programs instead of compiling them again.
+
+    Directory: $JAX_COMPILATION_CACHE_DIR if set (a sweep gives its runs one of their own), else
+    $AR_LM_COMPILE_CACHE, else ~/.cache/ar_lm/jax (under $XDG_CACHE_HOME if set);
+    AR_LM_COMPILE_CACHE=off disables it. Programs that compile in under 0.3 s are not stored.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        path = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    else:
+        path = os.environ.get("AR_LM_COMPILE_CACHE") or str(
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ar_lm" / "jax")
+    if path.lower() == "off":
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
+
+def _give_up(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def _int_env(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None

@@ -1,0 +1,55 @@
+"""The held-out check of a sweep's fitted law: one run per `Sweep.holdout_budgets` entry at the fitted
+compute-optimal size, its measured loss against the law's prediction (SWEEP_DIR/fit/holdout.json)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ar_lm.errors import UserError
+from ar_lm.io import atomic_write_json
+from ar_lm.scaling.fit import format_report, predict_loss, predict_optimal
+from ar_lm.scaling.plots import plot_parametric
+from ar_lm.scaling.report import fit_sweep_dir
+from ar_lm.scaling.sweeps import Sweep, compute_optimal_point
+from ar_lm.training import rundir
+
+
+def fit_and_check(sweep: Sweep, runner, out: Path) -> None:
+    """Fit the sweep in OUT (printing the report), then run and check its held-out points with `runner`
+    (a `SweepRunner`)."""
+    try:
+        result = fit_sweep_dir(out)
+    except UserError as e:
+        print(f"[sweep] no fit: {e}", file=sys.stderr)
+        return
+    print(format_report(result))
+    if not sweep.holdout_budgets:
+        return
+    if "approach3" not in result:
+        print("[holdout] skipped: the fit has no parametric law (approach 3) to check", file=sys.stderr)
+        return
+    checks = [holdout_check(sweep, runner, result, i, budget) for i, budget in enumerate(sweep.holdout_budgets)]
+    atomic_write_json(out / "fit" / "holdout.json", checks)
+    plot_parametric(result, out / "fit", checks)
+
+
+def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float) -> dict:
+    """Run `holdout{index}` at `budget` with the fitted N_opt (kept within 2x of the sizes the sweep
+    measured: no wild extrapolation) and compare its final val loss with the law's prediction."""
+    sizes = [p.coords["N"] for p in sweep.points]
+    n_opt = min(max(predict_optimal(result, budget)["N_opt"], min(sizes) / 2), max(sizes) * 2)
+    point = compute_optimal_point(sweep.base, budget, n_opt, f"holdout{index}", sweep.rule, sweep.n_kind)
+    runner.write_points([point])
+    runner.run([point])
+    measured = (rundir.read_summary(runner.run_dir(point.name)) or {}).get("val_loss")
+    predicted = predict_loss(result, point.coords["N"], point.coords["D"])
+    check = {"name": point.name, "budget": budget, "N": point.coords["N"], "D": point.coords["D"],
+             "C": point.coords["C"], "predicted_loss": predicted, "measured_loss": measured,
+             "relative_error": (predicted - measured) / measured if measured else None}
+    if measured is None:
+        print(f"[holdout] {point.name} did not finish: {runner.status.get(point.name, {}).get('error')}")
+    else:
+        print(f"[holdout] C={point.coords['C']:.3g} N={point.coords['N']:,} D={point.coords['D']:,}: "
+              f"predicted loss {predicted:.4f}, measured {measured:.4f} ({100 * check['relative_error']:+.2f}%)")
+    return check

@@ -1,0 +1,102 @@
+"""Checkpoints with orbax `CheckpointManager`: train state + data-iterator state per step.
+
+Layout: ``RUN_DIR/checkpoints/<step>/{state,data}``. orbax writes each step into a temporary
+directory and renames it when complete, so only fully committed steps are listed and restored.
+Restoring takes abstract arrays with target shardings, so a checkpoint saved on one mesh loads
+onto another (resharding on load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from ar_lm.config import ExperimentConfig
+from ar_lm.errors import UserError, require
+from ar_lm.parallel.mesh import mesh_context
+from ar_lm.training import rundir
+from ar_lm.training.state import abstract_params
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restore `step` into arrays shaped and sharded like `abstract_state`."""
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                ),
+            )
+        except (ValueError, KeyError) as e:
+            raise UserError(
+                f"checkpoint {self.directory}/{step} does not match this model ({str(e).splitlines()[0][:160]}): "
+                "use a new --run-dir"
+            ) from None
+        return restored["state"], restored["data"]
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Restore only the parameters (for eval and generation)."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args=jax.tree.map(
+                        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+                        {"params": abstract_params},
+                    ),
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored["state"]["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_latest_params(run_dir: Path, cfg: ExperimentConfig, mesh, rules) -> tuple[int, Any]:
+    """(step, params) of `run_dir`'s latest complete checkpoint, placed on `mesh` by `rules`."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / rundir.CHECKPOINTS
+    require(ckpt_dir.is_dir(), f"run directory {run_dir} has no checkpoints yet: train it first")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        step = ckpt.latest_step()
+        require(step is not None, f"run directory {run_dir} has no complete checkpoint yet: train it first")
+        with mesh_context(mesh, rules):
+            return step, ckpt.restore_params(step, abstract_params(cfg, mesh, rules))
+    finally:
+        ckpt.close()

@@ -1,0 +1,43 @@
+"""`ar-lm train` (host devices and multi-process start-up, then `train` under a preemption guard) and
+`ar-lm config` (the resolved config)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ar_lm.config import load_experiment, to_dict, with_data_path
+from ar_lm.errors import EXIT_PREEMPTED
+from ar_lm.parallel.runtime import configure_cpu_devices, initialize, multi_process_requested
+from ar_lm.training.loop import train
+from ar_lm.training.preemption import PreemptionGuard
+
+
+def experiment_config(args):
+    """The experiment (file or config.json) with `--set` overrides and `--data`."""
+    cfg = load_experiment(args.experiment, args.set)
+    return with_data_path(cfg, getattr(args, "data", None))
+
+
+def train_command(args) -> int:
+    """Prints the run's summary as JSON; exit status 3 when stopped by a signal with a checkpoint."""
+    cfg = experiment_config(args)
+    if not multi_process_requested(args.coordinator):
+        configure_cpu_devices(cfg.mesh, cfg.data.batch_size // cfg.optim.grad_accum)
+    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    with PreemptionGuard() as guard:
+        result = train(cfg, run_dir, stop_requested=guard)
+    print(json.dumps({"run_dir": str(result.run_dir), **result.summary}))
+    if result.summary.get("preempted"):
+        print(f"[train] stopped at step {result.summary['step']} with a checkpoint: run the same command to resume",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 0
+
+
+def config_command(args) -> int:
+    """`ar-lm config EXPERIMENT [--set ...]`: prints the resolved config as JSON."""
+    print(json.dumps(to_dict(experiment_config(args)), indent=2))
+    return 0

@@ -1,0 +1,93 @@
+"""The loss and the jitted train step (gradient accumulation, clipping, non-finite handling)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ar_lm.config import ExperimentConfig
+from ar_lm.model.backend import cpu_compiler_options
+from ar_lm.model.transformer import apply
+from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
+from ar_lm.training.optimizer import make_optimizer
+from ar_lm.training.state import abstract_state, state_shardings
+
+
+def loss_fn(params, batch_BxL1: jax.Array, cfg: ExperimentConfig):
+    """Mean next-token cross-entropy over the batch, plus `z_loss * mean(logsumexp^2)`."""
+    inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
+    logits_BxLxV = apply(cfg.model, params, inputs_BxL)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(lse_BxL - target_logit_BxL)
+    total = ce
+    if cfg.optim.z_loss:
+        total = total + cfg.optim.z_loss * jnp.mean(jnp.square(lse_BxL))
+    return total, ce
+
+
+def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_sharding) -> Callable:
+    accum = cfg.optim.grad_accum
+    nan_steps = jnp.asarray(cfg.train.debug_nan_steps or (-2,), jnp.int32)
+
+    def step_fn(state, batch_BxL1):
+        params = state["params"]
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if accum == 1:
+            (_, ce), grads = grad_fn(params, batch_BxL1, cfg)
+        else:
+            micro = batch_BxL1.reshape(accum, -1, batch_BxL1.shape[-1])
+
+            def body(carry, mb):
+                (_, ce_i), g_i = grad_fn(params, mb, cfg)
+                return jax.tree.map(jnp.add, carry, (g_i, ce_i)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+            (grads, ce), _ = jax.lax.scan(body, zeros, micro)
+            grads, ce = jax.tree.map(lambda g: g / accum, grads), ce / accum
+        # fault injection for tests: a NaN loss at the configured (1-based) steps
+        poison = jnp.where(jnp.isin(state["step"] + 1, nan_steps), jnp.nan, 1.0)
+        ce = ce * poison
+        grads = jax.tree.map(lambda g: g * poison, grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        step = state["step"] + 1
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": step,
+            "skips": jnp.where(finite, 0, state["skips"] + 1),
+            "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
+            "n_skipped": state["n_skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics = {"loss": ce, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite,
+                   **{k: new_state[k] for k in ("bad_step", "skips", "n_skipped")}}
+        return new_state, metrics
+
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+        compiler_options=cpu_compiler_options(),
+    )
+
+
+def compile_train_step(cfg: ExperimentConfig):
+    """Compile the train step for `cfg` without creating any arrays (for memory and cost
+    analysis): returns (compiled step, abstract state with its shardings)."""
+    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+    shardings = state_shardings(cfg, tx, mesh, rules)
+    state = abstract_state(cfg, tx, shardings)
+    batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
+    batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), np.int32, sharding=batch_sh)
+    with mesh_context(mesh, rules):
+        return make_train_step(cfg, tx, schedule, shardings, batch_sh).lower(state, batch).compile(), state
