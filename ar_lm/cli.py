@@ -26,7 +26,7 @@ def _prepare(p) -> None:
     p.add_argument("--vocab-size", type=int, default=0, help="sentencepiece (required) or char (cap)")
     p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--max-mb", type=float, default=8.0, help="stop reading the source after this many MB (0: all)")
+    p.add_argument("--max-mb", type=float, default=0.0, help="stop reading the source after this many MB (default 0: all)")
     p.add_argument("--out", required=True, help="dataset directory to create (must not exist or be empty)")
     p.add_argument("--synthetic-tokens", type=int, default=2_000_000, help="synthetic: train tokens")
     p.add_argument("--synthetic-vocab", type=int, default=32, help="synthetic: symbols")

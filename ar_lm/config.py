@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ar_lm.errors import UserError, require
 
@@ -159,51 +159,77 @@ class ExperimentConfig:
 # Validation
 
 
+def _range(lo: float, hi: float, hi_open: bool) -> tuple[str, Callable[[Any], bool]]:
+    return (f"in [{lo}, {hi}{')' if hi_open else ']'}", lambda x: lo <= x < hi if hi_open else lo <= x <= hi)
+
+
+_POSITIVE = ("positive", lambda x: x > 0)
+_NON_NEGATIVE = (">= 0", lambda x: x >= 0)
+_AT_LEAST_ONE = (">= 1", lambda x: x >= 1)
+
+
+def _zero_means(meaning: str) -> tuple[str, Callable[[Any], bool]]:
+    return (f">= 0 (0: {meaning})", lambda x: x >= 0)
+
+
+# every numeric field: (what it must be, check); enumerated fields are in CHOICES, free text is unchecked
+FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{k: _POSITIVE for k in ("model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len",
+                              "model.rope_theta", "model.norm_eps", "model.init_std", "data.seq_len",
+                              "data.batch_size", "optim.lr", "optim.eps")},
+    **{k: _NON_NEGATIVE for k in ("data.shuffle_seed", "data.prefetch", "optim.warmup_steps", "optim.weight_decay",
+                                  "optim.z_loss", "train.steps", "train.tokens", "train.seed", "train.max_skips")},
+    **{k: _AT_LEAST_ONE for k in ("optim.grad_accum", "train.log_every", "mesh.dcn_data", "mesh.dcn_fsdp",
+                                  "mesh.dcn_tensor")},
+    **{k: ("positive or -1 (the remaining devices)", lambda x: x >= 1 or x == -1)
+       for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")},
+    "model.vocab_size": _zero_means("the dataset's"), "model.n_kv_heads": _zero_means("n_heads"),
+    "model.d_ff": _zero_means("the family's"), "optim.clip_norm": _zero_means("off"),
+    "train.eval_every": _zero_means("at the end only"), "train.eval_batches": (">= -1 (0 or -1: the whole split)", lambda x: x >= -1),
+    "train.checkpoint_every": _zero_means("at the end only"), "train.keep_checkpoints": _zero_means("all"),
+    "mesh.devices": _zero_means("all"), "mesh.cpu_devices": _zero_means("auto"),
+    "logging.peak_flops": _zero_means("known or measured"),
+    "optim.warmup_frac": _range(0, 1, True), "optim.final_lr_frac": _range(0, 1, False),
+    "optim.b1": _range(0, 1, True), "optim.b2": _range(0, 1, True),
+    "train.debug_nan_steps": ("a list of steps >= 1", lambda steps: all(s >= 1 for s in steps)),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.family": ("gpt2", "llama"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.remat": ("auto", "none", "full", "dots"),
+    "model.attention": ("auto", "xla", "dot_product"),
+    "train.nonfinite_policy": ("stop", "skip"),
+}  # mesh.rules and mesh.rule_overrides are checked against the rule table (`ar_lm.parallel.mesh.logical_rules`)
+
+
+def field_value(cfg: ExperimentConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check the constraints that no single field type expresses; raise `UserError` if broken."""
+    """Check every numeric and enumerated field (`FIELD_RULES`, `CHOICES`) and the constraints between
+    fields; raise `UserError` naming the first one broken."""
+    for key, (what, ok) in FIELD_RULES.items():
+        value = field_value(cfg, key)
+        require(ok(value), f"{key} must be {what}, got {value!r}")
+    for key, allowed in CHOICES.items():
+        value = field_value(cfg, key)
+        require(value in allowed, f"{key}={value!r} is unknown: use one of {', '.join(allowed)}")
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    require(m.family in ("gpt2", "llama"), f"model.family={m.family!r} is unknown: use 'gpt2' or 'llama'")
-    require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0: take it from the dataset), got {m.vocab_size}")
-    for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
-        require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    require(m.n_kv_heads >= 0, f"model.n_kv_heads must be >= 0 (0 means n_heads), got {m.n_kv_heads}")
-    require(
-        m.d_model % m.n_heads == 0,
-        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick sizes that divide",
-    )
-    require(
-        m.n_heads % m.kv_heads == 0,
-        f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads}: use a divisor of n_heads",
-    )
+    require(m.d_model % m.n_heads == 0,
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick sizes that divide")
+    require(m.n_heads % m.kv_heads == 0,
+            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads}: use a divisor of n_heads")
     require(m.family == "gpt2" or m.head_dim % 2 == 0, f"llama needs an even head_dim (RoPE), got {m.head_dim}")
-    require(m.remat in ("auto", "none", "full", "dots"),
-            f"model.remat={m.remat!r} is unknown: use auto, none, full or dots")
-    require(
-        m.attention in ("auto", "xla", "dot_product"),
-        f"model.attention={m.attention!r} is unknown: use auto, xla or dot_product",
-    )
-    for name in ("param_dtype", "compute_dtype"):
-        value = getattr(m, name)
-        allowed = ("float32", "bfloat16", "float16") + (("auto",) if name == "compute_dtype" else ())
-        require(value in allowed, f"model.{name}={value!r} is unknown: use one of {', '.join(allowed)}")
-    require(d.seq_len > 0 and d.batch_size > 0, "data.seq_len and data.batch_size must be positive")
-    require(
-        d.seq_len <= m.max_seq_len,
-        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len",
-    )
-    require(o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}")
-    require(cfg.mesh.cpu_devices >= 0, f"mesh.cpu_devices must be >= 0 (0: auto), got {cfg.mesh.cpu_devices}")
-    require(
-        d.batch_size % o.grad_accum == 0,
-        f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}",
-    )
-    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    require(0 <= o.final_lr_frac <= 1, f"optim.final_lr_frac must lie in [0, 1], got {o.final_lr_frac}")
+    require(d.seq_len <= m.max_seq_len,
+            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len")
+    require(d.batch_size % o.grad_accum == 0,
+            f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     require(t.steps > 0 or t.tokens > 0, "train.steps or train.tokens must be positive")
-    require(
-        t.nonfinite_policy in ("stop", "skip"),
-        f"train.nonfinite_policy={t.nonfinite_policy!r} is unknown: use stop or skip",
-    )
+    require([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
+            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the remaining devices)")
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes (write to a temp file, fsync, rename) and checksums."""
+"""Host helpers: atomic writes (write to a temp file, fsync, rename), checksums, the cores we may use."""
 
 from __future__ import annotations
 
@@ -39,3 +39,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

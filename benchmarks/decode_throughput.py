@@ -38,6 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import StealMeter
 
 from ar_lm import decoding as D
 from ar_lm.config import ExperimentConfig, ModelConfig
@@ -167,7 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     new_tokens = [int(x) for x in args.new_tokens.split(",")]
-    t_start = time.perf_counter()
+    t_start, steal = time.perf_counter(), StealMeter()
     if not args.no_torch:
         import transformers
 
@@ -278,7 +279,9 @@ def main() -> None:
     if b1:
         print("\n# ar_lm / transformers tokens/s at batch 1: "
               + ", ".join(f"{r['hf_s'] / r['ar_lm_s']:.1f}x ({r['new_tokens']} new)" for r in b1))
-    print(f"# total {time.perf_counter() - t_start:.0f} s")
+    results["cpu_steal_frac"] = steal.frac()
+    print(f"# total {time.perf_counter() - t_start:.0f} s; CPU time stolen by the hypervisor: "
+          f"{100 * (results['cpu_steal_frac'] or 0):.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"target": dataclasses.asdict(TARGET), "draft": dataclasses.asdict(DRAFT), **results}, f,

@@ -22,6 +22,7 @@ ABLATIONS = {  # results-file suffix -> what the run turned off
     "scan=false": "`model.scan_layers=false` (unrolled layers)",
     "devices=1": "`--cpu-devices 1` (one host device using both cores)",
     "attention=dot_product": "`model.attention=dot_product` (`jax.nn.dot_product_attention`)",
+    "bf16": "`model.compute_dtype=bfloat16`",
 }
 
 
@@ -40,8 +41,9 @@ def train_table(path: Path) -> str:
         rows.append(f"| {CONFIG_NAMES.get(name, name)} | {j['ms_per_step']:,.1f} | {j['tokens_per_s']:,.0f} | "
                     f"{100 * j['mfu']:.1f}% | {j['time_to_first_step_s']:.1f} / {j['time_to_first_step_warm_s']:.1f} s | "
                     f"{torch} |")
+    steal = f"; {100 * d['cpu_steal_frac']:.0f}% of the CPU time stolen by the hypervisor" if d.get("cpu_steal_frac") else ""
     note = (f"Median of {d['repeats']} alternating runs per side; peak {d['peak_flops'] / 1e9:.0f} GFLOP/s measured "
-            f"(float32 matmul); {d['date']}, {d['machine']}. Runs (ms/step): " + "; ".join(
+            f"(float32 matmul){steal}; {d['date']}, {d['machine']}. Runs (ms/step): " + "; ".join(
                 f"{n} ar_lm {r['jax']['ms_per_step_runs']}" + (f", PyTorch {r['torch']['ms_per_step_runs']}"
                                                                  if r.get("torch") else "")
                 for n, r in d["configs"].items()))
@@ -80,6 +82,8 @@ def decode_tables(path: Path) -> str:
     equal = all(r.get("hf_equal", True) is not False and r.get("naive_equal", True) is not False
                 for r in d["throughput"])
     rows.append(f"\nGreedy tokens equal to transformers' and the naive loop's in every row: {equal}.")
+    if d.get("cpu_steal_frac"):
+        rows.append(f"CPU time stolen by the hypervisor during the run: {100 * d['cpu_steal_frac']:.0f}%.")
     cached = d["per_step"].get("cached_ms", {})
     if cached:
         ms = list(cached.values())

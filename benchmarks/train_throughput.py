@@ -176,8 +176,11 @@ def main() -> None:
                          else torch_worker(c)))
         return
 
+    from machine import StealMeter
+
     from ar_lm.training.metrics import measure_matmul_peak
 
+    steal = StealMeter()
     peak = args.peak_flops or measure_matmul_peak(2048)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores", "peak_flops": peak, "overrides": args.set, "repeats": args.repeats, "configs": {}}
@@ -213,6 +216,8 @@ def main() -> None:
                   f"({row['jax']['params'] / 1e6:.1f}M params; ar_lm on {row['jax']['devices']} host devices, "
                   f"remat={row['jax']['remat']}, scan_layers={row['jax']['scan_layers']})")
         results["configs"][name] = row
+    results["cpu_steal_frac"] = steal.frac()
+    print(f"CPU time stolen by the hypervisor during the run: {100 * (results['cpu_steal_frac'] or 0):.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

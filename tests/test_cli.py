@@ -79,6 +79,12 @@ BAD_TRAIN = [
     (["--set", "mesh.devices=0", "--set", "mesh.fsdp=3"], "do not divide the 8 devices"),
     (["--set", "mesh.rules=zigzag"], "mesh.rules='zigzag' is unknown"),
     (["--set", "mesh.rule_overrides=mlp=pipeline"], "unknown mesh axis 'pipeline'"),
+    (["--set", "mesh.rule_overrides=mpl=tensor"], "names unknown logical axis 'mpl'"),
+    (["--set", "train.log_every=0"], "train.log_every must be >= 1, got 0"),
+    (["--set", "train.eval_every=-5"], "train.eval_every must be >= 0"),
+    (["--set", "optim.warmup_frac=1.5"], "optim.warmup_frac must be in [0, 1)"),
+    (["--set", "optim.b2=1"], "optim.b2 must be in [0, 1)"),
+    (["--set", "train.max_skips=-1"], "train.max_skips must be >= 0"),
     (["--set", "data.seq_len=4096"], "exceeds model.max_seq_len"),
     (["--set", "model.vocab_size=300"], "does not match the dataset's tokenizer"),
     (["--set", "model.n_layers=3"], "was trained with model.n_layers=2"),
@@ -109,6 +115,8 @@ def test_bad_prepare_and_eval_input(tmp_path, byte_data, trained_run, capsys):
         (["prepare", "--source", "stdlib", "--tokenizer", "sentencepiece", "--out", str(tmp_path / "o4")], "--vocab-size"),
         (["prepare", "--source", "stdlib", "--out", str(byte_data)], "already exists and is not empty"),
         (["prepare", "--source", "web", "--out", str(tmp_path / "o5")], "invalid choice"),
+        (["prepare", "--source", "stdlib", "--val-fraction", "0", "--out", str(tmp_path / "o6")],
+         "--val-fraction must lie in (0, 1), got 0.0"),
         (["train", TINY, "--run-dir", str(tmp_path / "r")], "no dataset given"),
         (["train", TINY, "--data", str(tmp_path), "--run-dir", str(tmp_path / "r")], "not an ar_lm dataset"),
         (["train", str(tmp_path / "missing.py")], "does not exist"),
@@ -123,6 +131,33 @@ def test_bad_prepare_and_eval_input(tmp_path, byte_data, trained_run, capsys):
         assert code == 2 and len(err) == 1 and fragment in err[0], (args, err)
         assert not (tmp_path / "r").exists()
     assert {p: tree_hashes(p) for p in protected} == protected
+
+
+def _prepared_bytes(out: Path) -> int:
+    meta = json.loads((out / "metadata.json").read_text())
+    return sum(split["bytes"] for split in meta["splits"].values())
+
+
+def test_prepare_reads_all_of_a_corpus_by_default(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):  # 10 MB in all
+        (corpus / f"{i}.txt").write_text(f"document {i} " + "x" * 2_000_000)
+    assert main(["prepare", "--source", "files", "--files", str(corpus), "--out", str(tmp_path / "d")]) == 0
+    assert _prepared_bytes(tmp_path / "d") == sum(p.stat().st_size for p in corpus.iterdir())
+    assert "--max-mb" not in capsys.readouterr().err
+
+
+def test_prepare_max_mb_counts_bytes_and_says_it_truncated(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):  # 1.2 MB (0.6 M characters) each
+        (corpus / f"{i}.txt").write_text("é" * 600_000)
+    assert main(["prepare", "--source", "files", "--files", str(corpus), "--max-mb", "2",
+                 "--out", str(tmp_path / "d")]) == 0
+    assert _prepared_bytes(tmp_path / "d") == 2 * 1_200_000  # two files reach 2 MB; characters would take all three
+    err = capsys.readouterr().err
+    assert "read the first 2 of 3 files (2.40 MB) and stopped at the --max-mb limit of 2 MB" in err
 
 
 def test_debug_shows_traceback(capsys):

@@ -1,6 +1,7 @@
 """Config: type-checked overrides, close-match suggestions, validation, JSON round trip."""
 
 import dataclasses
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -51,6 +52,33 @@ def test_validation(changes, fragment):
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
     with pytest.raises(UserError, match=fragment):
         C.validate(cfg)
+
+
+FREE_TEXT = {"name", "data.path", "logging.project", "logging.group", "logging.tags", "logging.coords",
+             "mesh.rules", "mesh.rule_overrides"}  # the last two: checked against the rule table (test_cli)
+
+
+def _with(cfg, key, value):
+    section, name = key.split(".")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+
+
+def test_every_numeric_and_enumerated_field_is_validated():
+    cfg = C.ExperimentConfig()
+    typed = {k for k in C.all_keys(cfg) if not isinstance(C.field_value(cfg, k), bool)}
+    assert typed - FREE_TEXT == set(C.FIELD_RULES) | set(C.CHOICES)
+    for key, (_, ok) in C.FIELD_RULES.items():
+        default = C.field_value(cfg, key)
+        candidates = [(0,), (-1,)] if isinstance(default, tuple) else [-2, -1, 0, 1, 2, 1.5, 0.5]
+        if isinstance(default, int) and not isinstance(default, tuple):
+            candidates = [c for c in candidates if float(c).is_integer()]
+        bad = next(v for v in candidates if not ok(type(default)(v) if not isinstance(default, tuple) else v))
+        value = bad if isinstance(default, tuple) else type(default)(bad)
+        with pytest.raises(UserError, match=rf"^{re.escape(key)} must be .*, got {re.escape(repr(value))}$"):
+            C.validate(_with(cfg, key, value))
+    for key in C.CHOICES:
+        with pytest.raises(UserError, match=rf"^{re.escape(key)}='bogus' is unknown: use one of "):
+            C.validate(_with(cfg, key, "bogus"))
 
 
 def test_json_round_trip(tmp_path):

@@ -107,6 +107,17 @@ def test_grain_resume_yields_the_same_batches(byte_data):
         np.testing.assert_array_equal(next(resumed), ref[i])
 
 
+def test_initial_state_starts_at_the_first_batch(byte_data):
+    ds = TokenDataset(byte_data)
+    fresh = TrainIterator(train_dataset(ds, 16, 4, seed=3), prefetch=2)
+    assert TrainIterator.initial_state() == fresh.get_state()
+    moved = TrainIterator(train_dataset(ds, 16, 4, seed=3), prefetch=2)
+    for _ in range(3):
+        next(moved)
+    moved.set_state(TrainIterator.initial_state())
+    np.testing.assert_array_equal(next(moved), next(fresh))
+
+
 def test_process_slices_union_is_the_global_batch(byte_data):
     ds = TokenDataset(byte_data)
     global_it = iter(train_dataset(ds, 16, 8, seed=1).to_iter_dataset())

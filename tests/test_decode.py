@@ -503,3 +503,28 @@ def test_cli_generate_bad_input(runs, capsys, extra, fragment):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "sentencepiece"])
+def test_streamed_text_never_rewrites_the_screen(kind, corpus_dir):
+    """Multi-byte characters split across tokens (byte fallback): what is on the screen only grows, is always
+    a prefix of the final text, and ends equal to it."""
+    import io
+
+    from ar_lm.data.tokenizers import train_tokenizer
+    from ar_lm.decoding.command import TextStream
+
+    texts = [p.read_text() for p in sorted(corpus_dir.iterdir())]
+    tok = train_tokenizer(kind, texts, vocab_size=300 if kind == "sentencepiece" else 0)
+    ids = tok.encode("déjà vu € 😀 ok")
+    assert len(ids) > len("déjà vu € 😀 ok")  # some characters take several tokens
+    screen = io.StringIO()
+    stream = TextStream(tok, tok.eos_id, out=screen)
+    shown = []
+    for t in ids:
+        stream.add([t])
+        shown.append(screen.getvalue())
+    stream.add([], final=True)
+    assert screen.getvalue() == tok.decode(ids) == "déjà vu € 😀 ok"
+    assert all(a == screen.getvalue()[: len(a)] for a in shown)
+    assert "\ufffd" not in "".join(shown)

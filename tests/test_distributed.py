@@ -55,6 +55,18 @@ def test_restore_onto_another_mesh(tmp_path, byte_data, first, second):
     assert moved.summary["val_loss"] == pytest.approx(straight.summary["val_loss"], rel=1e-5)
 
 
+def test_a_run_trained_on_8_devices_evaluates_on_2(tmp_path, byte_data):
+    cfg = tiny_config(byte_data, train={"steps": 3}, mesh={"devices": 0, "data": 1, "fsdp": 4, "tensor": 2})
+    trained = train(cfg, tmp_path / "run")
+    env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": "", "JAX_NUM_CPU_DEVICES": "2",
+           "AR_LM_COMPILE_CACHE": "off"}
+    out = subprocess.run([sys.executable, "-m", "ar_lm", "eval", str(tmp_path / "run")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["loss"] == pytest.approx(trained.summary["val_loss"], rel=1e-5)
+
+
 def _argument_bytes_per_device(cfg):
     compiled, _ = compile_train_step(cfg)
     return compiled.memory_analysis().argument_size_in_bytes

@@ -162,3 +162,67 @@ def test_second_trainer_on_same_run_dir_is_refused(tmp_path, byte_data, capsys):
         assert not (tmp_path / "run" / "config.json").exists()
     finally:
         holder.kill()
+
+
+def test_preemption_is_polled_every_k_steps_across_processes():
+    from ar_lm.training.preemption import PreemptionGuard
+
+    gathered = []
+
+    def allgather(flag):  # two processes; the other one never saw a signal
+        gathered.append(int(flag))
+        return np.array([flag, 0])
+
+    guard = PreemptionGuard(every=10, allgather=allgather, process_count=lambda: 2)
+    stops = []
+    for step in range(1, 41):
+        if step == 13:
+            guard.signal = signal.SIGTERM
+        if guard(step):
+            stops.append(step)
+            break
+    assert stops == [20] and guard.polls == 2 and gathered == [0, 1]  # a host sync at steps 10 and 20 only
+    alone = PreemptionGuard(every=10, allgather=allgather, process_count=lambda: 1)
+    alone.signal = signal.SIGTERM
+    assert alone(13) and alone.polls == 0  # one process: no collective, it stops at once
+
+
+def _pid_of(*words):
+    """The pid of the process whose command line holds all `words` (None if there is none)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w.encode() in argv for w in words):
+            return int(proc.name)
+    return None
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_polled_step(tmp_path, byte_data):
+    cfg = tiny_config(byte_data, train={"steps": 48, "log_every": 4, "checkpoint_every": 0},
+                      mesh={"devices": 0, "data": -1, "fsdp": 2})
+    path = tmp_path / "exp.json"
+    save_json(cfg, path)
+    run = tmp_path / "mp"
+    launch = [sys.executable, "-m", "ar_lm", "launch", "local", "--processes", "2", "--devices-per-process", "4",
+              "--timeout", "240", "--", "train", str(path), "--run-dir", str(run)]
+    proc = subprocess.Popen(launch, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and _last_logged_step(run) < 8:
+        time.sleep(0.05)
+    worker = _pid_of("train", str(run), "--process-id", "1")
+    assert worker is not None
+    os.kill(worker, signal.SIGTERM)  # only process 1 is told; process 0 learns it at the next shared poll
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    ckpt = Checkpointer(run / "checkpoints", read_only=True)
+    stopped = ckpt.latest_step()
+    ckpt.close()
+    assert stopped % 4 == 0 and 8 <= stopped < 48 and not (run / "summary.json").exists()
+    assert subprocess.run(launch, env=ENV, capture_output=True, timeout=300).returncode == 0
+    single = train(cfg, tmp_path / "single")  # this process: 8 devices, the same mesh
+    np.testing.assert_allclose([l for _, l in _train_losses(run)], [l for _, l in _train_losses(tmp_path / "single")],
+                               rtol=1e-5)
+    assert json.loads((run / "summary.json").read_text())["val_loss"] == pytest.approx(
+        single.summary["val_loss"], rel=1e-5)

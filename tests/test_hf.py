@@ -42,11 +42,11 @@ CONFIGS = {  # name -> (transformers class name, config kwargs)
 }
 
 
-def hf_model(name: str, vocab: int = VOCAB, seed: int = 0):
+def hf_model(name: str, vocab: int = VOCAB, seed: int = 0, bos: int = 0, eos: int = 0):
     """A transformers model with random, non-trivial weights, in eval mode."""
     kind, kwargs = CONFIGS[name]
-    config = getattr(transformers, f"{kind}Config")(vocab_size=vocab, initializer_range=0.2, bos_token_id=0,
-                                                    eos_token_id=0, **kwargs)
+    config = getattr(transformers, f"{kind}Config")(vocab_size=vocab, initializer_range=0.2, bos_token_id=bos,
+                                                    eos_token_id=eos, **kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, f"{kind}LMHeadModel" if kind == "GPT2" else f"{kind}ForCausalLM")(config)
     with torch.no_grad():
@@ -120,6 +120,23 @@ def test_import_bfloat16_shards_and_sentencepiece_tokenizer(tmp_path, corpus_dir
     assert carried.encode("the cat sat") == tok.encode("the cat sat")
     meta, _, note = find_tokenizer(tmp_path / "hf", tok.vocab_size + 1)
     assert meta is None and "the run has no text tokenizer" in note
+
+
+def test_imported_llama_prompts_start_with_its_bos_id(tmp_path, corpus_dir, capsys):
+    from ar_lm.cli import main
+    from ar_lm.data.tokenizers import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer.train([p.read_text() for p in sorted(corpus_dir.iterdir())], vocab_size=300)
+    bos = tok.sp.bos_id()
+    assert bos >= 0 and bos != tok.eos_id
+    hf_model("llama_gqa_untied", vocab=tok.vocab_size, bos=bos, eos=tok.eos_id).save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "the cat", "--max-new-tokens", "2",
+                 "--temperature", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_tokens"] == [bos] + tok.encode("the cat")
 
 
 @pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied"])

@@ -201,3 +201,20 @@ def test_flops_formula_counts_causal_attention_once():
     assert f == 6 * matmul + 6 * cfg.n_layers * d * (L + 1)
     # the attention term grows with context length, the rest does not
     assert MC.flops_per_token(cfg, 2 * L) - f == 6 * cfg.n_layers * d * L
+
+
+def test_decode_attention_accumulates_scores_in_float32_under_bf16():
+    """The KV-cache attention (`xla_attention`) with bfloat16 inputs against the same attention in float32:
+    its scores are accumulated and scaled in float32, so what is left is the bf16 rounding of the
+    inputs, the probabilities and the output (measured 0.047 here; scores rounded to bf16 gave 0.29)."""
+    rng = np.random.default_rng(0)
+    b, l, h, kh, dh = 2, 64, 4, 2, 32
+    q, k, v = (jnp.asarray(rng.normal(0, 3, s), jnp.bfloat16) for s in [(b, l, h, dh), (b, l, kh, dh), (b, l, kh, dh)])
+    pos = jnp.broadcast_to(jnp.arange(l), (b, l))
+    mask = MA.attention_mask(pos, pos)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    ref = MA.xla_attention(*(x.astype(jnp.float32) for x in (q,)), *(heads_first(x.astype(jnp.float32)) for x in (k, v)),
+                           mask)
+    out = MA.xla_attention(q, heads_first(k), heads_first(v), mask)
+    assert out.dtype == jnp.bfloat16
+    assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) < 0.1

@@ -90,7 +90,17 @@ def test_sweep_failures_reruns_and_kill_resume(tmp_path, byte_data):
     assert out.returncode == 1
     assert {n: (sweep_dir / "runs" / n / "summary.json").stat().st_mtime_ns for n in good} == mtimes
 
-    # 4. fit on the finished points from a CSV, and compare the runs
+    # 4. the experiment changes what its points compute: finished runs are not taken as done, nor overwritten
+    exp.write_text(EXPERIMENT.replace("lr=3e-3", "lr=1e-3"))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1
+    status = _status(sweep_dir)
+    assert all(status[n]["state"] == "failed" and "was trained with optim.lr=0.003, not 0.001" in status[n]["error"]
+               for n in good), status
+    assert {n: (sweep_dir / "runs" / n / "summary.json").stat().st_mtime_ns for n in good} == mtimes
+    exp.write_text(EXPERIMENT)
+
+    # 5. fit on the finished points from a CSV, and compare the runs
     assert main(["compare", str(sweep_dir), "--out", str(tmp_path / "cmp.png")]) == 0
     assert (tmp_path / "cmp.png").stat().st_size > 10_000
 

@@ -17,7 +17,7 @@ from ar_lm.errors import UserError
 from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.training.loop import train
 from ar_lm.training.optimizer import lr_schedule, make_optimizer
-from ar_lm.training.state import init_state, state_shardings
+from ar_lm.training.state import abstract_state, init_state, state_shardings
 from ar_lm.training.step import loss_fn, make_train_step
 
 MESHES = {
@@ -145,6 +145,20 @@ def test_checkpoint_resume_equals_straight_run(tmp_path, byte_data):
     assert resumed.summary["val_loss"] == straight.summary["val_loss"]
 
 
+def test_a_crash_before_the_summary_is_finished_on_resume(tmp_path, byte_data):
+    # the final checkpoint is committed, then the process dies before summary.json is written
+    cfg = tiny_config(byte_data, train={"steps": 4})
+    first = train(cfg, tmp_path / "run")
+    (tmp_path / "run" / "summary.json").unlink()
+    val_records = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    again = train(cfg, tmp_path / "run")
+    assert again.summary["finished"] and again.summary["step"] == 4
+    assert again.summary["val_loss"] == first.summary["val_loss"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_loss"] == first.summary["val_loss"]
+    after = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    assert after == val_records  # the final evaluation is logged once
+
+
 def test_resume_with_other_architecture_is_refused(tmp_path, byte_data):
     cfg = tiny_config(byte_data, train={"steps": 2})
     train(cfg, tmp_path / "run")
@@ -176,3 +190,106 @@ def test_stdlib_training_beats_unigram_entropy(tmp_path):
     unigram_nats = unigram_entropy_bits(TokenDataset(data), "train") * math.log(2)
     assert result.summary["val_loss"] < unigram_nats - 0.3, (result.summary["val_loss"], unigram_nats)
     assert 0 < result.summary["val_bits_per_byte"] < unigram_nats / math.log(2)
+
+
+def test_a_val_split_too_small_is_refused_before_anything_is_written(tmp_path, corpus_dir):
+    from ar_lm.data.sources import Document
+
+    docs = [Document(f"train{i}", "some training text " * 40) for i in range(4)]
+    splits = {"train": docs, "val": [Document("val", "tiny")]}  # 4 val tokens + EOS < seq_len + 1
+    write_dataset(tmp_path / "data", [], "byte", splits=splits)
+    with pytest.raises(UserError, match="the val split of .* has fewer than 33 tokens"):
+        train(tiny_config(tmp_path / "data"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_may_change_speed_settings_but_not_the_function(tmp_path, byte_data, capsys):
+    cfg = tiny_config(byte_data, train={"steps": 10, "checkpoint_every": 5})
+    straight = train(cfg, tmp_path / "straight")
+    train(cfg, tmp_path / "run", stop_after=5)
+    faster = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, remat="none",
+                                                                attention="dot_product"))
+    lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3))
+    with pytest.raises(UserError, match=r"was trained with optim\.lr=0\.003, not 0\.001"):
+        train(lr, tmp_path / "run")
+    capsys.readouterr()
+    resumed = train(faster, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "model.scan_layers True -> False" in err and "model.remat 'auto' -> 'none'" in err
+    np.testing.assert_allclose(list(_losses(tmp_path / "run").values()), list(_losses(tmp_path / "straight").values()),
+                               rtol=1e-5)
+    assert resumed.summary["val_loss"] == pytest.approx(straight.summary["val_loss"], rel=1e-5)
+    assert "layer_0" in resumed.state["params"] and "layers" not in resumed.state["params"]
+
+
+def test_throughput_is_timed_after_the_compiling_first_step(tmp_path, byte_data):
+    cfg = tiny_config(byte_data, train={"steps": 16, "log_every": 2, "eval_every": 5})
+    result = train(cfg, tmp_path / "run")
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in recs if r["split"] == "train"]
+    assert len(tps) == 8 and min(tps) > np.median(tps) / 3, tps  # the first interval no longer holds compilation
+    s = result.summary
+    assert s["first_step_s"] > 0 and s["time_to_first_step_s"] >= s["first_step_s"]
+    # MFU of the summary: the records' throughput, not the run's wall time with its compilation
+    assert s["mfu"] == pytest.approx(np.median([r["mfu"] for r in recs if r["split"] == "train"]), rel=0.5)
+def _one_step_setup(cfg, total=20):
+    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+    tx, schedule = make_optimizer(cfg.optim, total)
+    shardings = state_shardings(cfg, tx, mesh, rules)
+    batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
+    return mesh, rules, tx, schedule, shardings, batch_sh
+
+
+def test_a_skipped_step_advances_the_schedule():
+    # warmup lr(s) = lr * (s + 1) / 4: after a skipped first step, the first applied update is lr(1) = 2 lr(0)
+    cfg = tiny_config(model={"vocab_size": 32}, optim={"warmup_steps": 4, "clip_norm": 0.0},
+                      train={"nonfinite_policy": "skip", "debug_nan_steps": (1,)})
+    mesh, rules, tx, schedule, shardings, batch_sh = _one_step_setup(cfg)
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 32, (8, 33), dtype=np.int32), batch_sh)
+    with mesh_context(mesh, rules):
+        init = jax.device_get(init_state(cfg, tx, shardings, jax.random.key(0))["params"])
+        skipping = make_train_step(cfg, tx, schedule, shardings, batch_sh)
+        state, m1 = skipping(init_state(cfg, tx, shardings, jax.random.key(0)), batch)
+        assert not bool(m1["finite"])
+        state, m2 = skipping(state, batch)
+        plain_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, debug_nan_steps=()))
+        plain, _ = make_train_step(plain_cfg, tx, schedule, shardings, batch_sh)(
+            init_state(cfg, tx, shardings, jax.random.key(0)), batch)
+    assert float(m2["lr"]) == pytest.approx(float(schedule(1)))  # the logged lr is the applied one
+    after_skip, after_plain = (jax.device_get(s["params"]["embed"]) - init["embed"] for s in (state, plain))
+    np.testing.assert_allclose(after_skip, 2 * after_plain, rtol=1e-4, atol=1e-9)
+
+
+def test_fault_injection_is_built_only_when_asked_for():
+    cfg = tiny_config(model={"vocab_size": 32})
+    mesh, rules, tx, schedule, shardings, batch_sh = _one_step_setup(cfg)
+
+    def eqn_count(cfg):
+        state = abstract_state(cfg, tx, shardings)
+        batch = jax.ShapeDtypeStruct((8, 33), np.int32)
+        with mesh_context(mesh, rules):
+            text = str(make_train_step(cfg, tx, schedule, shardings, batch_sh).trace(state, batch).jaxpr)
+        return text.count(" = "), text.count("nan")
+
+    plain, poisoned = eqn_count(cfg), eqn_count(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, debug_nan_steps=(3,))))
+    assert poisoned[1] > plain[1]  # the NaN constant of the fault injection
+    assert poisoned[0] > plain[0] + len(jax.tree.leaves(shardings["params"]))  # a multiply per gradient and more
+
+
+def test_micro_batches_keep_the_batch_sharding():
+    cfg = tiny_config(model={"vocab_size": 32}, data={"batch_size": 16}, optim={"grad_accum": 2},
+                      mesh={"devices": 0, "data": 8, "rules": "dp"})
+    mesh, rules, tx, schedule, shardings, batch_sh = _one_step_setup(cfg)
+    from ar_lm.training.step import micro_batches
+
+    batch = jax.device_put(np.arange(16 * 33, dtype=np.int32).reshape(16, 33), batch_sh)
+    micro = jax.jit(micro_batches, static_argnums=1)(batch, 2)
+    np.testing.assert_array_equal(np.asarray(micro[1]), np.asarray(batch)[1::2])  # rows 1, 3, 5, ...
+    with mesh_context(mesh, rules):
+        state = abstract_state(cfg, tx, shardings)
+        hlo = make_train_step(cfg, tx, schedule, shardings, batch_sh).lower(
+            state, jax.ShapeDtypeStruct((16, 33), np.int32, sharding=batch_sh)).compile().as_text()
+    # every device keeps its rows: the only collectives are the gradient all-reduces
+    assert not any(op in hlo for op in ("all-to-all", "collective-permute", "all-gather")), \
+        [line for line in hlo.splitlines() if "all-to-all" in line or "collective-permute" in line][:3]

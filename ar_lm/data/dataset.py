@@ -29,6 +29,12 @@ from ar_lm.io import atomic_write_json, sha256_file
 FORMAT_VERSION = 1
 
 
+def require_fresh_output(out: Path) -> None:
+    """A dataset is written only into a missing or empty directory."""
+    require(not out.exists() or (out.is_dir() and not any(out.iterdir())),
+            f"output directory {out} already exists and is not empty: choose another --out or remove it")
+
+
 def write_dataset(
     out: Path,
     docs: list[Document],
@@ -43,10 +49,7 @@ def write_dataset(
     """Tokenize `docs` (split by name hash, or the given `splits`) into a dataset directory at
     `out`, which must not exist or be empty."""
     out = Path(out).absolute()
-    require(
-        not out.exists() or (out.is_dir() and not any(out.iterdir())),
-        f"output directory {out} already exists and is not empty: choose another --out or remove it",
-    )
+    require_fresh_output(out)
     splits = splits or split_documents(docs, val_fraction)
     tokenizer = train_tokenizer(tokenizer_kind, [d.text for d in splits["train"]], vocab_size, sp_model_type)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32

@@ -102,5 +102,10 @@ class TrainIterator:
     def get_state(self) -> dict:
         return json.loads(json.dumps(self._it.get_state()))
 
+    @staticmethod
+    def initial_state() -> dict:
+        """The state of any train iterator before its first batch (what a step-0 checkpoint holds)."""
+        return TrainIterator(grain.MapDataset.range(1), prefetch=0).get_state()
+
     def set_state(self, state: dict) -> None:
         self._it.set_state(state)

@@ -7,20 +7,24 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ar_lm.data.dataset import write_dataset
+from ar_lm.data.dataset import require_fresh_output, write_dataset
 from ar_lm.data.sources import file_documents, stdlib_documents
 from ar_lm.data.synthetic import synthetic_splits
+from ar_lm.data.tokenizers import check_tokenizer_args
 from ar_lm.errors import UserError, require
 
 SOURCES = ("stdlib", "files", "synthetic")
 
 
 def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, val_fraction: float = 0.05,
-                 max_mb: float = 8.0, files: Sequence[str] = (), sp_model_type: str = "bpe",
+                 max_mb: float = 0.0, files: Sequence[str] = (), sp_model_type: str = "bpe",
                  synthetic_tokens: int = 2_000_000, synthetic_vocab: int = 32, synthetic_order: int = 3,
                  synthetic_branching: int = 4, seed: int = 0) -> dict:
     """Write the dataset directory `out` (see `write_dataset`) from `source`; returns its metadata."""
-    require(0 <= val_fraction < 1, f"--val-fraction must lie in [0, 1), got {val_fraction}")
+    require(0 < val_fraction < 1, f"--val-fraction must lie in (0, 1), got {val_fraction}: training evaluates on "
+                                  "the val split")
+    check_tokenizer_args(tokenizer, vocab_size)
+    require_fresh_output(Path(out).absolute())  # before reading the source
     max_bytes = int(max_mb * 1e6)
     splits, source_meta = None, {"kind": source, "files": list(files)}
     if source == "stdlib":
@@ -28,7 +32,7 @@ def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, va
     elif source == "files":
         docs = file_documents(files, max_bytes)
     elif source == "synthetic":
-        splits, source_meta = synthetic_splits(synthetic_tokens, val_fraction or 0.05, synthetic_vocab,
+        splits, source_meta = synthetic_splits(synthetic_tokens, val_fraction, synthetic_vocab,
                                                synthetic_order, synthetic_branching, seed)
         docs = splits["train"] + splits["val"]
     else:

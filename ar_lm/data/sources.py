@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,15 @@ def stdlib_documents(max_bytes: int) -> list[Document]:
         docs.append(Document(rel, text))
         total += len(text.encode("utf-8"))
         if max_bytes and total >= max_bytes:
+            _say_truncated(max_bytes, total, f"{len(docs)} standard-library files")
             break
     require(docs, f"no Python sources found under {root}")
     return docs
+
+
+def _say_truncated(max_bytes: int, total: int, what: str) -> None:
+    print(f"[prepare] read {what} ({total / 1e6:.2f} MB) and stopped at the --max-mb limit of {max_bytes / 1e6:g} MB; "
+          "the rest of the source is left out (--max-mb 0 reads it all)", file=sys.stderr, flush=True)
 
 
 def _expand(patterns: Sequence[str]) -> list[Path]:
@@ -67,8 +74,9 @@ def file_documents(patterns: Sequence[str], max_bytes: int = 0) -> list[Document
     """Documents from text files (one document each), .jsonl (the "text" field of each line)
     and .parquet (the "text" column)."""
     require(patterns, "--source files needs --files PATH [PATH ...]")
-    docs, total = [], 0
-    for path in _expand(patterns):
+    docs, total, paths = [], 0, _expand(patterns)
+    for i, path in enumerate(paths):
+        start = len(docs)
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             docs += _jsonl_documents(path)
@@ -82,8 +90,10 @@ def file_documents(patterns: Sequence[str], max_bytes: int = 0) -> list[Document
                 docs.append(Document(str(path), raw.decode("utf-8")))
             except UnicodeDecodeError as e:
                 raise UserError(f"input file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-        total = sum(len(d.text) for d in docs)
+        total += sum(len(d.text.encode("utf-8")) for d in docs[start:])
         if max_bytes and total >= max_bytes:
+            if i + 1 < len(paths):
+                _say_truncated(max_bytes, total, f"the first {i + 1} of {len(paths)} files")
             break
     docs = [d for d in docs if d.text]
     require(docs, f"the input files {', '.join(patterns)} hold no text")

@@ -14,7 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ar_lm.errors import UserError
+from ar_lm.errors import UserError, require
+from ar_lm.io import cpu_cores
 
 KINDS = ("sentencepiece", "byte", "char")
 
@@ -147,7 +148,7 @@ class SentencePieceTokenizer:
                     user_defined_symbols=["\n", "\t"],
                     character_coverage=0.9995,
                     max_sentence_length=1 << 16,
-                    num_threads=2,
+                    num_threads=cpu_cores(),
                     hard_vocab_limit=False,  # small corpora: fewer pieces rather than an error
                     minloglevel=2,
                 )
@@ -159,7 +160,7 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=2)
+        return self.sp.encode(texts, num_threads=cpu_cores())
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -182,16 +183,18 @@ class SentencePieceTokenizer:
 Tokenizer = ByteTokenizer | CharTokenizer | SentencePieceTokenizer
 
 
+def check_tokenizer_args(kind: str, vocab_size: int) -> None:
+    require(kind in KINDS, f"tokenizer {kind!r} is unknown: use one of {', '.join(KINDS)}")
+    require(kind != "sentencepiece" or vocab_size > 0, "--tokenizer sentencepiece needs --vocab-size N (e.g. 4096)")
+
+
 def train_tokenizer(kind: str, texts: list[str], vocab_size: int = 0, model_type: str = "bpe") -> Tokenizer:
+    check_tokenizer_args(kind, vocab_size)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer.train(texts, vocab_size)
-    if kind == "sentencepiece":
-        if vocab_size <= 0:
-            raise UserError("--tokenizer sentencepiece needs --vocab-size N (e.g. 4096)")
-        return SentencePieceTokenizer.train(texts, vocab_size, model_type)
-    raise UserError(f"tokenizer {kind!r} is unknown: use one of {', '.join(KINDS)}")
+    return SentencePieceTokenizer.train(texts, vocab_size, model_type)
 
 
 def load_tokenizer(directory: Path, kind: str) -> Tokenizer:

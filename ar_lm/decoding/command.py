@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-
 from ar_lm.config import ModelConfig
 from ar_lm.data.tokenizers import load_tokenizer
 from ar_lm.decoding.beam import beam_search
@@ -18,7 +16,7 @@ from ar_lm.decoding.sampling import Sampling
 from ar_lm.decoding.speculative import speculative_generate
 from ar_lm.decoding.streaming import stream
 from ar_lm.errors import require
-from ar_lm.parallel.mesh import logical_rules, make_mesh, mesh_context
+from ar_lm.parallel.mesh import inference_mesh, logical_rules, make_mesh, mesh_context
 from ar_lm.training import rundir
 from ar_lm.training.checkpoint import restore_latest_params
 
@@ -32,12 +30,9 @@ class LoadedRun:
 
 
 def decode_mesh(run_dir: str | Path):
-    """Mesh and rules for decoding a run: no data/fsdp split (one prompt), the run's tensor parallelism
-    when this host has enough devices."""
-    mesh_cfg = rundir.load_run_config(Path(run_dir)).mesh
-    tensor = mesh_cfg.tensor if 1 <= mesh_cfg.tensor <= jax.device_count() else 1
-    mesh_cfg = dataclasses.replace(mesh_cfg, data=1, fsdp=1, tensor=tensor, devices=tensor,
-                                   dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    """Mesh and rules for decoding a run: one prompt, so no data split; the run's tensor parallelism when
+    this host has enough devices (`inference_mesh`)."""
+    mesh_cfg = inference_mesh(rundir.load_run_config(Path(run_dir)).mesh, batch=1)
     return make_mesh(mesh_cfg), logical_rules(mesh_cfg)
 
 
@@ -76,21 +71,29 @@ def _check_same_tokenizer(target: LoadedRun, draft: LoadedRun, draft_dir) -> Non
             "use a draft trained with the same tokenizer")
 
 
-class _TextStream:
-    """Prints the decoded text of a growing token list, holding back an incomplete UTF-8 tail."""
+class TextStream:
+    """Prints the decoded text of a growing token list, only ever extending what is on the screen: an
+    incomplete UTF-8 tail (decoded as U+FFFD) is held back until the next token completes it, and a decode
+    that changes text already printed is held back too. Should the final text still disagree with the
+    screen, it is printed whole on a line of its own rather than spliced onto the wrong prefix."""
 
-    def __init__(self, tokenizer, eos_id):
+    def __init__(self, tokenizer, eos_id, out=None):
         self.tokenizer, self.eos_id, self.tokens, self.printed = tokenizer, eos_id, [], ""
+        self.out = out or sys.stdout
 
     def add(self, tokens, final: bool = False) -> None:
         self.tokens += [int(t) for t in tokens if int(t) != self.eos_id]
         text = self.tokenizer.decode(self.tokens)
         if not final:
             text = text.rstrip("\ufffd")
-        if text.startswith(self.printed) or final:  # (a re-decoded prefix is not reprinted)
-            sys.stdout.write(text[len(self.printed):])
-            sys.stdout.flush()
-            self.printed = text
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed):])
+        elif final:
+            self.out.write("\n" + text)
+        else:
+            return
+        self.out.flush()
+        self.printed = text
 
 
 def _sampling(args) -> Sampling:
@@ -126,8 +129,8 @@ def generate_command(args) -> int:
     eos_id = args.eos_id if args.eos_id is not None else (tok.eos_id if tok is not None else None)
     if args.prompt_ids is not None:  # ids as given, e.g. from the model's own (Hugging Face) tokenizer
         prompt_ids = parse_token_ids(args.prompt_ids)
-    else:  # EOS separates documents: the prompt starts one
-        prompt_ids = [eos_id] + list(tok.encode(args.prompt))
+    else:  # the prompt starts a document: after the begin-of-sequence id (imported Llama), else after EOS
+        prompt_ids = [target.tokenizer_meta.get("bos_id", eos_id)] + list(tok.encode(args.prompt))
     n = args.max_new_tokens
     if n is None:
         n = max(1, min(64, target.cfg.max_seq_len - len(prompt_ids)))
@@ -164,7 +167,7 @@ def _decode(args, target: LoadedRun, draft, prompt_ids, n, sampling, eos_id) -> 
 
 def _stream_text(args, target: LoadedRun, draft, prompt_ids, n, sampling, eos_id, t0) -> int:
     """One sample, streamed to the terminal as it is produced."""
-    out, extra = _TextStream(target.tokenizer, eos_id), {}
+    out, extra = TextStream(target.tokenizer, eos_id), {}
     sys.stdout.write(args.prompt)
     parts = stream(target.cfg, target.params, prompt_ids, n, sampling, seed=args.seed, eos_id=eos_id,
                    draft=None if draft is None else (draft.cfg, draft.params), draft_tokens=args.draft_tokens,

@@ -35,7 +35,7 @@ import numpy as np
 from ar_lm.config import ModelConfig
 from ar_lm.decoding.sampling import GREEDY, Sampling, sample_logits, token_logprob
 from ar_lm.errors import require
-from ar_lm.model.transformer import CACHE_AXES, apply, init_cache
+from ar_lm.model.transformer import CACHE_AXES, apply, init_cache, relayout_layers
 
 Array = jax.Array
 
@@ -120,15 +120,10 @@ def for_decoding(cfg: ModelConfig, params):
     loop converts once and passes the result."""
     if not cfg.scan_layers or jax.default_backend() != "cpu":
         return cfg, params
-    return dataclasses.replace(cfg, scan_layers=False), _unstack_layers(params, n_layers=cfg.n_layers)
+    return dataclasses.replace(cfg, scan_layers=False), _relayout_jit(params, n_layers=cfg.n_layers, scanned=False)
 
 
-@functools.partial(jax.jit, static_argnames="n_layers")
-def _unstack_layers(params, n_layers: int):
-    """{"layers": stacked} -> {"layer_0": ..., "layer_1": ...}: the parameters of `scan_layers=False`."""
-    params = dict(params)
-    stacked = params.pop("layers")
-    return params | {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)}
+_relayout_jit = jax.jit(relayout_layers, static_argnames=("n_layers", "scanned"))
 
 
 @flax.struct.dataclass

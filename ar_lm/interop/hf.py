@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 
 from ar_lm.config import DataConfig, ExperimentConfig, MeshConfig, validate
+from ar_lm.data.pipeline import TrainIterator
 from ar_lm.data.tokenizers import load_tokenizer
 from ar_lm.errors import UserError, require
 from ar_lm.interop.hf_config import ARCH_OF_FAMILY, check_exportable, hf_config_dict, model_config_from_hf
@@ -52,14 +53,16 @@ def _staging_dir(dest: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp"))
 
 
-def find_tokenizer(hf_dir: Path, vocab_size: int) -> tuple[dict | None, Path | None, str]:
+def find_tokenizer(hf_dir: Path, vocab_size: int, bos_id: int | None = None) -> tuple[dict | None, Path | None, str]:
     """(metadata, file, note) of a tokenizer ar_lm reads in HF_DIR: an ar_lm export's
     ar_lm_tokenizer/ (byte, char or sentencepiece), else a sentencepiece tokenizer.model with the
-    model's vocabulary; (None, None, why) when there is none."""
+    model's vocabulary; (None, None, why) when there is none. `bos_id` (config.json's bos_token_id) is
+    recorded as the id that starts a document, which generation puts before a prompt."""
     candidates = []  # (kind, directory, file)
     if (hf_dir / TOKENIZER_DIR / "metadata.json").is_file():
         meta = json.loads((hf_dir / TOKENIZER_DIR / "metadata.json").read_text())["tokenizer"]
         candidates.append((meta["kind"], hf_dir / TOKENIZER_DIR, hf_dir / TOKENIZER_DIR / meta["file"]))
+        bos_id = meta.get("bos_id", bos_id)
     if (hf_dir / "tokenizer.model").is_file():
         candidates.append(("sentencepiece", hf_dir, hf_dir / "tokenizer.model"))
     for kind, directory, file in candidates:
@@ -72,6 +75,8 @@ def find_tokenizer(hf_dir: Path, vocab_size: int) -> tuple[dict | None, Path | N
                                 f"{vocab_size}: the run has no text tokenizer; give token ids")
         meta = {"kind": kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": file.name,
                 "sha256": sha256_file(file)}
+        if isinstance(bos_id, int) and 0 <= bos_id < vocab_size:
+            meta["bos_id"] = bos_id
         return meta, file, f"{kind} tokenizer carried over"
     return None, None, (f"{hf_dir} holds no tokenizer ar_lm reads (an ar_lm export's {TOKENIZER_DIR}/ or a "
                         "sentencepiece tokenizer.model): the run has no text tokenizer; give token ids")
@@ -99,7 +104,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
     params = params_from_hf(model, read_safetensors(hf_dir))
     cfg = validate(ExperimentConfig(name=run_dir.name, model=model, mesh=MeshConfig(devices=1),
                                     data=DataConfig(seq_len=min(model.max_seq_len, 1024), batch_size=8)))
-    tok_meta, tok_file, tok_note = find_tokenizer(hf_dir, model.vocab_size)
+    tok_meta, tok_file, tok_note = find_tokenizer(hf_dir, model.vocab_size, hf.get("bos_token_id"))
 
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
     tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
@@ -110,7 +115,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
     tmp = _staging_dir(run_dir)
     try:
         ckpt = Checkpointer(tmp / rundir.CHECKPOINTS, keep=1, async_save=False)
-        ckpt.save(0, state, {"next_index": 0})  # the data iterator's state before its first batch
+        ckpt.save(0, state, TrainIterator.initial_state())
         ckpt.close()
         rundir.write_config(tmp, cfg)
         if tok_meta:
@@ -148,9 +153,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     tok_dir = run_dir / rundir.TOKENIZER
     tok_meta = json.loads((tok_dir / "metadata.json").read_text())["tokenizer"] if (tok_dir / "metadata.json").is_file() else None
     eos_id = tok_meta["eos_id"] if tok_meta else None
+    bos_id = tok_meta.get("bos_id", eos_id) if tok_meta else None
     tmp = _staging_dir(out_dir)
     try:
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg.model, eos_id), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg.model, eos_id, bos_id), indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tok_meta:
             _copy_tokenizer(tok_meta, tok_dir / tok_meta["file"], tmp / TOKENIZER_DIR)

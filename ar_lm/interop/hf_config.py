@@ -66,10 +66,11 @@ def check_exportable(m: ModelConfig) -> None:
             f"model.n_kv_heads={m.n_kv_heads} (grouped-query attention) has no {arch} equivalent: this run cannot be exported")
 
 
-def hf_config_dict(m: ModelConfig, eos_id: int | None) -> dict:
+def hf_config_dict(m: ModelConfig, eos_id: int | None, bos_id: int | None = None) -> dict:
     """config.json for transformers, every field explicit (no dropout: ar_lm trains without it)."""
     common = {"architectures": [ARCH_OF_FAMILY[m.family]], "vocab_size": m.vocab_size,
-              "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id,
+              "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id if bos_id is None else bos_id,
+              "eos_token_id": eos_id,
               "pad_token_id": None, "dtype": "float32", "use_cache": True}
     if m.family == "gpt2":
         return {"model_type": "gpt2", **common, "n_positions": m.max_seq_len, "n_embd": m.d_model,

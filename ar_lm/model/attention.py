@@ -32,8 +32,9 @@ def xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS) -> Array:
     b, l, h, dh = q_BxLxHxDh.shape
     kh = k_BxKxSxDh.shape[1]
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
-    scores_BxKxGxLxS = jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxDh, k_BxKxSxDh) * (dh**-0.5)
-    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32)
+    # scores accumulate in float32 whatever the compute dtype, as in `causal_attention` (training)
+    scores_BxKxGxLxS = jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxDh, k_BxKxSxDh,
+                                  preferred_element_type=jnp.float32) * (dh**-0.5)
     big_neg = jnp.finfo(jnp.float32).min
     scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, big_neg)
     probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxKxSxDh.dtype)

@@ -164,3 +164,22 @@ def init_params_jit(cfg: ModelConfig, rng: Array):
 def apply(cfg: ModelConfig, params, tokens_BxL: Array, **kwargs):
     """Forward pass: logits [B, L, V] in float32 (and the new cache if one is passed)."""
     return make_model(cfg).apply({"params": params}, tokens_BxL, **kwargs)
+
+
+def relayout_layers(tree, n_layers: int, scanned: bool):
+    """A parameter tree (or any tree holding one, like optimizer moments) in the layout of
+    `scan_layers=scanned`: {"layers": leaves stacked on axis 0} <-> {"layer_0": ..., "layer_1": ...}."""
+    if isinstance(tree, dict):
+        tree = {k: relayout_layers(v, n_layers, scanned) for k, v in tree.items()}
+        if scanned and "layer_0" in tree:
+            per_layer = [tree.pop(f"layer_{i}") for i in range(n_layers)]
+            tree["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        elif not scanned and "layers" in tree:
+            stacked = tree.pop("layers")
+            tree |= {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)}
+        return tree
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optimizer states
+        return type(tree)(*(relayout_layers(x, n_layers, scanned) for x in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(relayout_layers(x, n_layers, scanned) for x in tree)
+    return tree

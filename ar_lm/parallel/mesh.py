@@ -9,6 +9,7 @@ and `embed -> fsdp` together shard activations by batch and parameters by embed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Sequence
 
@@ -22,6 +23,9 @@ from ar_lm.config import MeshConfig
 from ar_lm.errors import UserError, require
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# every logical name the model gives a parameter, an activation or the KV cache (the rule table's domain)
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "positions",
+                "norm", "cache_length")
 
 _BATCH = ("batch", ("data", "fsdp"))
 RULE_PRESETS: dict[str, tuple[tuple[str, object], ...]] = {
@@ -49,6 +53,8 @@ def logical_rules(cfg: MeshConfig) -> tuple[tuple[str, object], ...]:
     for item in cfg.rule_overrides:
         require("=" in item, f"mesh.rule_overrides entry {item!r} is not of the form logical=axis[+axis]")
         name, axes = (s.strip() for s in item.split("=", 1))
+        require(name in LOGICAL_AXES, f"mesh.rule_overrides entry {item!r} names unknown logical axis {name!r}: "
+                                      f"use one of {', '.join(LOGICAL_AXES)}")
         parts = tuple(a for a in axes.split("+") if a)
         for axis in parts:
             require(axis in MESH_AXES, f"logical rule {item!r} names unknown mesh axis {axis!r}: use {', '.join(MESH_AXES)}")
@@ -144,3 +150,14 @@ def mesh_context(mesh: Mesh, rules):
     """Mesh and logical-axis rules for tracing (activation sharding constraints)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def inference_mesh(cfg: MeshConfig, batch: int, n_devices: int | None = None) -> MeshConfig:
+    """A run's mesh fitted to the devices here, for evaluation and decoding: the run's tensor parallelism
+    when that many devices exist, and data parallel over as many of the rest as divide `batch` (no fsdp,
+    one slice). A run trained on a pod can so be evaluated or sampled on one host."""
+    n_devices = jax.device_count() if n_devices is None else n_devices
+    tensor = cfg.tensor if 1 <= cfg.tensor <= n_devices else 1
+    data = max(d for d in range(1, n_devices // tensor + 1) if batch % d == 0)
+    return dataclasses.replace(cfg, data=data, fsdp=1, tensor=tensor, devices=data * tensor, dcn_data=1, dcn_fsdp=1,
+                               dcn_tensor=1)

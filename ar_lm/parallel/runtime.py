@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 
 from ar_lm.errors import UserError, require
+from ar_lm.io import cpu_cores
 
 
 def _on_tpu_pod() -> bool:
@@ -96,8 +97,7 @@ def configure_cpu_devices(mesh, micro_batch: int, max_auto: int = 8) -> Optional
     elif -1 not in sizes:
         n = fixed
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        limit = max(min(cores, max_auto), fixed)
+        limit = max(min(cpu_cores(), max_auto), fixed)
         n = max((d for d in range(fixed, limit + 1, fixed) if micro_batch % d == 0), default=fixed)
     jax.config.update("jax_num_cpu_devices", n)
     return n

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ar_lm.config import load_experiment_module, save_json
+from ar_lm.config import load_experiment_module, load_json, save_json
 from ar_lm.data.prepare import make_dataset
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_json, atomic_write_text
@@ -108,8 +108,13 @@ class SweepRunner:
         atomic_write_json(self.dir / "sweep.json", {"name": self.sweep.name, "points": list(by_name.values())})
 
     def is_done(self, name: str) -> bool:
+        """Finished, with the config the sweep asks for now (a point whose function changed since it ran is
+        run again, and its run directory refuses, naming what differs)."""
         summary = rundir.read_summary(self.run_dir(name))
-        return bool(summary and summary.get("finished"))
+        if not (summary and summary.get("finished")):
+            return False
+        ran, wanted = rundir.load_run_config(self.run_dir(name)), load_json(self.config_path(name))
+        return not rundir.function_differences(ran, wanted, trained=True)
 
     def _set_status(self, name: str, **fields) -> None:
         self.status[name] = {**self.status.get(name, {}), **fields}

@@ -27,7 +27,7 @@ def train_command(args) -> int:
         configure_cpu_devices(cfg.mesh, cfg.data.batch_size // cfg.optim.grad_accum)
     initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    with PreemptionGuard() as guard:
+    with PreemptionGuard(every=cfg.train.log_every) as guard:
         result = train(cfg, run_dir, stop_requested=guard)
     print(json.dumps({"run_dir": str(result.run_dir), **result.summary}))
     if result.summary.get("preempted"):

@@ -6,6 +6,7 @@ with each token's byte count from its tokenizer, so runs with different tokenize
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from ar_lm.data.pipeline import eval_batches
 from ar_lm.errors import require
 from ar_lm.model.backend import cpu_compiler_options
 from ar_lm.model.transformer import apply
-from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
+from ar_lm.parallel.mesh import inference_mesh, logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.training import rundir
 from ar_lm.training.checkpoint import restore_latest_params
 from ar_lm.training.state import param_shardings
@@ -71,7 +72,9 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str | Path] = None, max
         f"dataset {dataset.path} has {dataset.vocab_size} tokens but the run's model has {cfg.model.vocab_size}: "
         "evaluate on data made with the run's tokenizer",
     )
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+    mesh_cfg = inference_mesh(cfg.mesh, cfg.data.batch_size)  # the run's mesh may need more devices than here
+    cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
+    mesh, rules = make_mesh(mesh_cfg), logical_rules(mesh_cfg)
     step, params = restore_latest_params(run_dir, cfg, mesh, rules)
     batch_sharding = logical_sharding(mesh, rules, ("batch", "length"))
     eval_fn = make_eval_step(cfg, param_shardings(cfg, mesh, rules), batch_sharding)

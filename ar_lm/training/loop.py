@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,6 +21,7 @@ from ar_lm.data.dataset import TokenDataset
 from ar_lm.data.pipeline import TrainIterator, eval_batches, train_dataset
 from ar_lm.errors import NonFiniteError, UserError, require
 from ar_lm.model.counts import flops_per_token, param_counts
+from ar_lm.model.transformer import relayout_layers
 from ar_lm.parallel.mesh import data_parallel_size, logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.training import rundir
 from ar_lm.training.checkpoint import Checkpointer
@@ -80,12 +82,35 @@ def train(
     dataset = TokenDataset(cfg.data.path)
     cfg = prepare_config(cfg, dataset)
     check_parallelism(cfg)
+    pipelines = _pipelines(cfg, dataset)  # every check passes before the first write
     run_dir.mkdir(parents=True, exist_ok=True)
     # process 0 holds the run directory's lock for the whole multi-process run
     with rundir.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
         if rundir.is_run_dir(run_dir):
-            rundir.check_resume_compatible(run_dir, cfg)
-        return _train_locked(cfg, run_dir, dataset, stop_after, stop_requested)
+            changed = rundir.check_resume_compatible(run_dir, cfg, trained=_has_trained(run_dir))
+            if changed and jax.process_index() == 0:
+                print("[train] resuming with other speed settings (the same function): "
+                      + ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in changed), file=sys.stderr)
+        return _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested)
+
+
+def _has_trained(run_dir: Path) -> bool:
+    """Whether the run has a checkpoint past step 0 (an imported model at step 0 has not trained yet)."""
+    if not (run_dir / rundir.CHECKPOINTS).is_dir():
+        return False
+    ckpt = Checkpointer(run_dir / rundir.CHECKPOINTS, read_only=True)
+    try:
+        return (ckpt.latest_step() or 0) > 0
+    finally:
+        ckpt.close()
+
+
+def _pipelines(cfg: ExperimentConfig, dataset: TokenDataset):
+    """This process's train batches and val batches (both splits are checked here)."""
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_ds = train_dataset(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.data.shuffle_seed, pidx, pcount)
+    val = eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches, "val", pidx, pcount)
+    return train_ds, val
 
 
 def _check_finite(cfg: ExperimentConfig, bad_step: int, skips: int) -> None:
@@ -128,22 +153,22 @@ class _Run:
         return self.cfg.data.batch_size * self.cfg.data.seq_len
 
 
-def _train_locked(cfg, run_dir, dataset, stop_after, stop_requested) -> TrainResult:
+def _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested) -> TrainResult:
     t_start = time.time()
-    run = _setup(cfg, run_dir, dataset)
+    run = _setup(cfg, run_dir, dataset, *pipelines)
     if run is None:  # finished already: nothing to do
         return TrainResult(run_dir, None, rundir.read_summary(run_dir))
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
-    clock = _StepLog(run)
+    log = _StepLog(run)
     try:
-        state, last_eval, first_step_time = _loop(run, end, stop_requested, clock, t_start)
+        state, last_eval, first_step_time = _loop(run, end, stop_requested, log, t_start)
     finally:
         run.ckpt.close()
         run.logger.close()
-    return _finish(run, state, end, last_eval, clock.train_time, first_step_time, t_start)
+    return _finish(run, state, end, last_eval, log, first_step_time, t_start)
 
 
-def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset) -> Optional[_Run]:
+def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds, val) -> Optional[_Run]:
     """Mesh, optimizer, shardings, data, the restored (or fresh) state, compiled steps; None if the run
     has finished already."""
     mesh, rules = check_parallelism(cfg)
@@ -151,68 +176,85 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset) -> Optio
     shardings = state_shardings(cfg, tx, mesh, rules)
     batch_sharding = logical_sharding(mesh, rules, ("batch", "length"))
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINTS, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
-    pidx, pcount = jax.process_index(), jax.process_count()
-    data_iter = TrainIterator(
-        train_dataset(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.data.shuffle_seed, pidx, pcount),
-        cfg.data.prefetch,
-    )
+    data_iter = TrainIterator(train_ds, cfg.data.prefetch)
     with mesh_context(mesh, rules):
         start = ckpt.latest_step()
         if start is not None and start >= cfg.total_steps and rundir.read_summary(run_dir):
             ckpt.close()
             return None
         if start is not None:
-            state, data_state = ckpt.restore(start, abstract_state(cfg, tx, shardings))
+            state, data_state = _restore(cfg, run_dir, ckpt, start, tx, shardings, mesh, rules)
             data_iter.set_state(data_state)
         else:
             start = 0
             state = init_state(cfg, tx, shardings, jax.random.key(cfg.train.seed))
-    if pidx == 0:
+    if jax.process_index() == 0:
         rundir.write_config(run_dir, cfg)
         rundir.copy_tokenizer(run_dir, dataset.path, dataset.meta)
     return _Run(
         cfg, run_dir, mesh, rules, batch_sharding, ckpt, data_iter,
         RunLogger(run_dir, to_dict(cfg), cfg.logging, cfg.total_steps, resume_step=start), state, start,
         make_train_step(cfg, tx, schedule, shardings, batch_sharding),
-        make_eval_step(cfg, shardings["params"], batch_sharding),
-        eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches, "val", pidx, pcount),
+        make_eval_step(cfg, shardings["params"], batch_sharding), val,
         jnp.asarray(dataset.token_bytes()), flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops_per_device(cfg.logging.peak_flops) * jax.device_count(),
     )
 
 
+def _restore(cfg: ExperimentConfig, run_dir: Path, ckpt: Checkpointer, step: int, tx, shardings, mesh, rules):
+    """(state, data state) of checkpoint `step`, in the layer layout of `cfg` even if it was saved in the
+    other one (`model.scan_layers` changed: a speed setting)."""
+    saved_scan = rundir.load_run_config(run_dir).model.scan_layers
+    if saved_scan == cfg.model.scan_layers:
+        return ckpt.restore(step, abstract_state(cfg, tx, shardings))
+    saved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=saved_scan))
+    state, data_state = ckpt.restore(step, abstract_state(saved, tx, state_shardings(saved, tx, mesh, rules)))
+    return jax.device_put(relayout_layers(state, cfg.model.n_layers, cfg.model.scan_layers), shardings), data_state
+
+
 class _StepLog:
     """Train records, read one step late: a log step's metrics are held on device and read (`flush`)
-    only after the next step is dispatched, or before an eval or checkpoint."""
+    only after the next step is dispatched, or before an eval or checkpoint.
+
+    Throughput is timed from the end of the first step (its compilation is `first_step_s`), over
+    intervals that evaluation pauses: `pause` restarts the clock and the step count together."""
 
     def __init__(self, run: _Run):
         self.run = run
         self.pending = None  # (step, metrics on device) of the last dispatched log step
-        self.t_log, self.steps_since_log, self.train_time = time.perf_counter(), 0, 0.0
+        self.clock, self.steps = None, 0  # start of the current interval (None before the first step), its steps
+        self.train_time, self.timed_steps, self.first_step_s = 0.0, 0, None
+
+    def first_step(self, metrics, t_dispatch: float) -> None:
+        """Wait once for the first step (compilation included); training time starts when it is done."""
+        jax.block_until_ready(metrics)
+        self.clock = time.perf_counter()
+        self.first_step_s = self.clock - t_dispatch
 
     def hold(self, step: int, metrics) -> None:
         self.pending = (step, metrics)
 
     def pause(self) -> None:
-        """Restart the interval clock (evaluation time is not training time)."""
-        self.t_log = time.perf_counter()
+        """Restart the interval (evaluation time is not training time)."""
+        self.clock, self.steps = time.perf_counter(), 0
 
     def flush(self) -> None:
         if self.pending is None:
             return
         (step, metrics), self.pending = self.pending, None
         m = jax.device_get(metrics)
+        record = {"step": step, "split": "train", "loss": float(m["loss"]), "lr": float(m["lr"]),
+                  "grad_norm": float(m["grad_norm"]), "tokens": step * self.run.tokens_per_step,
+                  "skipped": not bool(m["finite"]), "skipped_total": int(m["n_skipped"])}
         now = time.perf_counter()
-        dt = now - self.t_log
-        self.train_time += dt
-        tps = self.steps_since_log * self.run.tokens_per_step / dt if dt > 0 else 0.0
-        self.t_log, self.steps_since_log = now, 0
-        self.run.logger.log({
-            "step": step, "split": "train", "loss": float(m["loss"]), "lr": float(m["lr"]),
-            "grad_norm": float(m["grad_norm"]), "tokens": step * self.run.tokens_per_step, "tokens_per_s": tps,
-            "mfu": tps * self.run.flops_per_token / self.run.peak_flops, "skipped": not bool(m["finite"]),
-            "skipped_total": int(m["n_skipped"]),
-        })
+        if self.clock is not None and self.steps > 0 and now > self.clock:
+            tps = self.steps * self.run.tokens_per_step / (now - self.clock)
+            record |= {"tokens_per_s": tps, "mfu": tps * self.run.flops_per_token / self.run.peak_flops}
+            self.train_time += now - self.clock
+            self.timed_steps += self.steps
+        if self.clock is not None:
+            self.clock, self.steps = now, 0
+        self.run.logger.log(record)
         _check_finite(self.run.cfg, int(m["bad_step"]), int(m["skips"]))
 
 
@@ -222,12 +264,15 @@ def _loop(run: _Run, end: int, stop_requested, log: _StepLog, t_start: float):
     cfg, state, last_eval, first_step_time = run.cfg, run.state, {}, None
     for step in range(run.start, end):
         global_batch = jax.make_array_from_process_local_data(run.batch_sharding, next(run.data_iter))
+        t_dispatch = time.perf_counter()
         with mesh_context(run.mesh, run.rules):
             state, metrics = run.step_fn(state, global_batch)
         if first_step_time is None:
+            log.first_step(metrics, t_dispatch)
             first_step_time = time.time() - t_start
+        else:
+            log.steps += 1
         done = step + 1
-        log.steps_since_log += 1
         log.flush()  # step N is dispatched: now read step N-1's metrics
         if done % cfg.train.log_every == 0 or done == end:
             log.hold(done, metrics)
@@ -245,18 +290,24 @@ def _loop(run: _Run, end: int, stop_requested, log: _StepLog, t_start: float):
             break
     log.flush()
     run.ckpt.wait()
+    if not last_eval and run.start >= cfg.total_steps:
+        # resumed from the final checkpoint of a run that stopped before its summary was written: the final
+        # evaluation was logged before that checkpoint, so compute its values again for the summary only
+        last_eval = _evaluate(run, state, run.start, log=False)
     return state, last_eval, first_step_time
 
 
-def _evaluate(run: _Run, state: dict, step: int) -> dict:
+def _evaluate(run: _Run, state: dict, step: int, log: bool = True) -> dict:
     with mesh_context(run.mesh, run.rules):
         result = evaluate(run.eval_fn, state["params"], run.val, run.batch_sharding, run.token_bytes)
-    run.logger.log({"step": step, "split": "val", **result})
+    if log:
+        run.logger.log({"step": step, "split": "val", **result})
     return result
 
 
-def _finish(run: _Run, state: dict, end: int, last_eval: dict, train_time: float, first_step_time, t_start) -> TrainResult:
-    """The summary (written when the run has finished all its steps)."""
+def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, first_step_time, t_start) -> TrainResult:
+    """The summary (written when the run has finished all its steps). MFU counts the timed steps (all
+    but the first, which compiles, and those an evaluation interrupted) over their time."""
     final_step = int(jax.device_get(state["step"]))
     counts, fpt, tokens_per_step = param_counts(run.cfg.model), run.flops_per_token, run.tokens_per_step
     summary = {
@@ -271,8 +322,9 @@ def _finish(run: _Run, state: dict, end: int, last_eval: dict, train_time: float
         "flops": fpt * final_step * tokens_per_step,
         "wall_time_s": time.time() - t_start,
         "time_to_first_step_s": first_step_time,
-        "mfu": ((final_step - run.start) * tokens_per_step * fpt / run.peak_flops / train_time
-                if train_time > 0 else None),
+        "first_step_s": log.first_step_s,
+        "mfu": (log.timed_steps * tokens_per_step * fpt / run.peak_flops / log.train_time
+                if log.train_time > 0 else None),
         **{f"val_{k}": v for k, v in last_eval.items()},
     }
     if jax.process_index() == 0 and summary["finished"]:

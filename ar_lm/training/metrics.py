@@ -133,7 +133,8 @@ class RunLogger:
             bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
             msg = (
                 f"[{bar}] step {step}/{self.total_steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
-                f"gnorm {r['grad_norm']:.3f} {r.get('tokens_per_s', 0):,.0f} tok/s mfu {100 * r.get('mfu', 0):.1f}%"
+                f"gnorm {r['grad_norm']:.3f}"
+                + (f" {r['tokens_per_s']:,.0f} tok/s mfu {100 * r['mfu']:.1f}%" if "tokens_per_s" in r else "")
             )
             end = "\r" if self.tty and step < self.total_steps else "\n"
         print(("\r" if self.tty else "") + msg, end=end, file=sys.stderr, flush=True)

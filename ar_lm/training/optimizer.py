@@ -47,13 +47,16 @@ def decay_mask(params, decay_embeddings: bool = False):
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW with a unit learning rate, the schedule). The train step multiplies the updates by
+    `schedule(step)` of its global step (AdamW's decoupled decay is scaled by the learning rate too), so
+    a skipped step advances the schedule while the moments stay as they were."""
     schedule = lr_schedule(cfg, total_steps)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(
         optax.adamw(
-            schedule,
+            1.0,
             b1=cfg.b1,
             b2=cfg.b2,
             eps=cfg.eps,

@@ -39,17 +39,42 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return load_json(run_dir / CONFIG)
 
 
-def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """A run directory may only be resumed with the same architecture and data shape."""
+# how fast a run computes, not what: they may change on resume
+SPEED_FIELDS = ("model.remat", "model.attention", "model.scan_layers", "model.compute_dtype")
+DATA_ORDER_FIELDS = ("data.seq_len", "data.batch_size", "data.shuffle_seed")
+TRAINING_FIELDS = ("train.steps", "train.tokens", "train.seed")  # with all of optim: the updates so far
+
+
+def _flat(cfg: ExperimentConfig) -> dict:
+    return {f"{section}.{k}": v for section, fields in to_dict(cfg).items() if isinstance(fields, dict)
+            for k, v in fields.items()}
+
+
+def function_differences(saved: ExperimentConfig, cfg: ExperimentConfig, trained: bool) -> list[tuple]:
+    """(field, saved, new) for the fields that change the function a run computes or the order of its data:
+    the architecture and the data order; once it has trained, also the optimizer and the schedule's length."""
+    old, new = _flat(saved), _flat(cfg)
+    keys = [k for k in old if k.startswith("model.") and k not in SPEED_FIELDS] + list(DATA_ORDER_FIELDS)
+    if trained:
+        keys += [k for k in old if k.startswith("optim.")] + list(TRAINING_FIELDS)
+    return [(k, old[k], new[k]) for k in keys
+            if old[k] != new[k] and not (k == "model.vocab_size" and new[k] == 0)]  # 0: the dataset's
+
+
+def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig, trained: bool = True) -> list[tuple]:
+    """Refuse to resume `run_dir` with a config that computes another function (see `function_differences`);
+    returns the speed settings that differ, (field, saved, new)."""
     saved = load_run_config(run_dir)
-    for section, fields in (("model", None), ("data", ("seq_len", "batch_size", "shuffle_seed"))):
-        old, new = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
-        for key in fields or old:
-            if old.get(key) != new.get(key):
-                raise UserError(
-                    f"run directory {run_dir} was trained with {section}.{key}={old.get(key)!r}, not "
-                    f"{new.get(key)!r}: resume with the same setting or use a new --run-dir"
-                )
+    differ = function_differences(saved, cfg, trained)
+    if differ:
+        (key, was, now), more = differ[0], [k for k, _, _ in differ[1:]]
+        raise UserError(
+            f"run directory {run_dir} was trained with {key}={was!r}, not {now!r}"
+            + (f" (and {', '.join(more)} differ)" if more else "")
+            + ": resume with the same settings or use a new --run-dir"
+        )
+    old, new = _flat(saved), _flat(cfg)
+    return [(k, old[k], new[k]) for k in SPEED_FIELDS if old[k] != new[k]]
 
 
 def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:

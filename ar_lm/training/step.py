@@ -30,33 +30,47 @@ def loss_fn(params, batch_BxL1: jax.Array, cfg: ExperimentConfig):
     return total, ce
 
 
-def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_sharding) -> Callable:
+def micro_batches(batch_BxL1: jax.Array, accum: int) -> jax.Array:
+    """[accum, B/accum, L+1], micro-batch i = rows i, i + accum, i + 2*accum, ...: strided, so every
+    data-parallel device holds its share of every micro-batch (contiguous slices would put each micro-batch
+    on a subset of the devices and reshard it every micro-step)."""
+    return batch_BxL1.reshape(-1, accum, batch_BxL1.shape[-1]).swapaxes(0, 1)
+
+
+def _grads(cfg: ExperimentConfig, params, batch_BxL1):
+    """(mean cross-entropy, gradients) over the batch, accumulated over `optim.grad_accum` micro-batches."""
     accum = cfg.optim.grad_accum
-    nan_steps = jnp.asarray(cfg.train.debug_nan_steps or (-2,), jnp.int32)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (_, ce), grads = grad_fn(params, batch_BxL1, cfg)
+        return ce, grads
+
+    def body(carry, mb):
+        (_, ce_i), g_i = grad_fn(params, mb, cfg)
+        return jax.tree.map(jnp.add, carry, (g_i, ce_i)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+    (grads, ce), _ = jax.lax.scan(body, zeros, micro_batches(batch_BxL1, accum))
+    return ce / accum, jax.tree.map(lambda g: g / accum, grads)
+
+
+def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_sharding) -> Callable:
+    """The jitted step. `tx` is the optimizer with a unit learning rate: the step scales its updates by
+    `schedule(step)` of the global step, so the applied and the logged learning rate are one, and a
+    skipped (non-finite) step still advances the schedule: it ends at the last step."""
+    nan_steps = np.asarray(cfg.train.debug_nan_steps, np.int32)
 
     def step_fn(state, batch_BxL1):
         params = state["params"]
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        if accum == 1:
-            (_, ce), grads = grad_fn(params, batch_BxL1, cfg)
-        else:
-            micro = batch_BxL1.reshape(accum, -1, batch_BxL1.shape[-1])
-
-            def body(carry, mb):
-                (_, ce_i), g_i = grad_fn(params, mb, cfg)
-                return jax.tree.map(jnp.add, carry, (g_i, ce_i)), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            (grads, ce), _ = jax.lax.scan(body, zeros, micro)
-            grads, ce = jax.tree.map(lambda g: g / accum, grads), ce / accum
-        # fault injection for tests: a NaN loss at the configured (1-based) steps
-        poison = jnp.where(jnp.isin(state["step"] + 1, nan_steps), jnp.nan, 1.0)
-        ce = ce * poison
-        grads = jax.tree.map(lambda g: g * poison, grads)
+        ce, grads = _grads(cfg, params, batch_BxL1)
+        if nan_steps.size:  # fault injection for tests only: a NaN loss at the configured (1-based) steps
+            poison = jnp.where(jnp.isin(state["step"] + 1, nan_steps), jnp.nan, 1.0)
+            ce, grads = ce * poison, jax.tree.map(lambda g: g * poison, grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm)
+        lr = schedule(state["step"])
         updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        new_params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         step = state["step"] + 1
         new_state = {
@@ -67,7 +81,7 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
             "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
             "n_skipped": state["n_skipped"] + (~finite).astype(jnp.int32),
         }
-        metrics = {"loss": ce, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite,
+        metrics = {"loss": ce, "grad_norm": grad_norm, "lr": lr, "finite": finite,
                    **{k: new_state[k] for k in ("bad_step", "skips", "n_skipped")}}
         return new_state, metrics
 

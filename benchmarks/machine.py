@@ -1,0 +1,29 @@
+"""How much of the machine a benchmark had: the share of CPU time the hypervisor stole during it.
+
+On a shared virtual machine the host may run other guests on our cores ("steal" in /proc/stat); a run
+with a large steal share is slower for reasons outside the code, so every results file records it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot; (0, 0) where /proc/stat does not exist."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return 0, 0
+    fields = [int(x) for x in stat.read_text().splitlines()[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+class StealMeter:
+    """`frac()`: stolen / all CPU time since the meter was made (None where it cannot be read)."""
+
+    def __init__(self):
+        self.start = _cpu_jiffies()
+
+    def frac(self) -> float | None:
+        steal, total = (now - then for now, then in zip(_cpu_jiffies(), self.start))
+        return steal / total if total > 0 else None
