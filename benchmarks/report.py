@@ -26,6 +26,10 @@ ABLATIONS = {  # results-file suffix -> what the run turned off
 }
 
 
+def _steal(d: dict) -> str:
+    return f"{100 * d['cpu_steal_frac']:.0f}%" if d.get("cpu_steal_frac") is not None else "-"
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -53,20 +57,21 @@ def train_table(path: Path) -> str:
 def ablation_table(baseline: Path, results: Path, date: str) -> str:
     base = _load(baseline)["configs"]
     configs = [c for c in ("nanogpt_cpu", "gpt_6l_384") if c in base]
-    rows = ["| run | " + " | ".join(f"{c} ms/step" for c in configs) + " | source |",
-            "| --- |" + " --- |" * len(configs) + " --- |"]
+    rows = ["| run | " + " | ".join(f"{c} ms/step" for c in configs) + " | CPU stolen | source |",
+            "| --- |" + " --- |" * len(configs) + " --- | --- |"]
     rows.append("| all CPU defaults | " + " | ".join(f"{base[c]['jax']['ms_per_step']:,.1f}" for c in configs)
-                + f" | `{baseline.as_posix()}` |")
+                + f" | {_steal(_load(baseline))} | `{baseline.as_posix()}` |")
     for suffix, what in ABLATIONS.items():
         path = results / f"train_throughput_{date}_cpu2_{suffix}.json"
         if not path.is_file():
             continue
-        runs = _load(path)["configs"]
+        run_file = _load(path)
+        runs = run_file["configs"]
         cells = []
         for c in configs:
             ms = runs[c]["jax"]["ms_per_step"]
             cells.append(f"{ms:,.1f} ({ms / base[c]['jax']['ms_per_step']:.2f}x)")
-        rows.append(f"| {what} | " + " | ".join(cells) + f" | `{path.as_posix()}` |")
+        rows.append(f"| {what} | " + " | ".join(cells) + f" | {_steal(run_file)} | `{path.as_posix()}` |")
     return "\n".join(rows)
 
 
