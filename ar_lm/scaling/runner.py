@@ -136,10 +136,12 @@ class SweepRunner:
         return False
 
     def run(self, points, show_progress: bool = True) -> dict:
-        todo = [p for p in points if not self.is_done(p.name)]
-        for p in points:
+        todo = []
+        for p in points:  # is_done reads the run's summary and both configs: once per point
             if self.is_done(p.name):
                 self._set_status(p.name, state="done", error=None)
+            else:
+                todo.append(p)
         done = len(points) - len(todo)
         failed = 0
         seconds_per_flop, t0, flops_run = None, time.time(), 0.0

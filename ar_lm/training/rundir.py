@@ -53,12 +53,16 @@ def _flat(cfg: ExperimentConfig) -> dict:
 def function_differences(saved: ExperimentConfig, cfg: ExperimentConfig, trained: bool) -> list[tuple]:
     """(field, saved, new) for the fields that change the function a run computes or the order of its data:
     the architecture and the data order; once it has trained, also the optimizer and the schedule's length."""
-    old, new = _flat(saved), _flat(cfg)
-    keys = [k for k in old if k.startswith("model.") and k not in SPEED_FIELDS] + list(DATA_ORDER_FIELDS)
+    keys = [k for k in _flat(saved) if k.startswith("model.") and k not in SPEED_FIELDS] + list(DATA_ORDER_FIELDS)
     if trained:
-        keys += [k for k in old if k.startswith("optim.")] + list(TRAINING_FIELDS)
-    return [(k, old[k], new[k]) for k in keys
-            if old[k] != new[k] and not (k == "model.vocab_size" and new[k] == 0)]  # 0: the dataset's
+        keys += [k for k in _flat(saved) if k.startswith("optim.")] + list(TRAINING_FIELDS)
+    return [(k, was, now) for k, was, now in _changed(saved, cfg, keys)
+            if not (k == "model.vocab_size" and now == 0)]  # 0: the dataset's
+
+
+def _changed(saved: ExperimentConfig, cfg: ExperimentConfig, keys) -> list[tuple]:
+    old, new = _flat(saved), _flat(cfg)
+    return [(k, old[k], new[k]) for k in keys if old[k] != new[k]]
 
 
 def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig, trained: bool = True) -> list[tuple]:
@@ -73,8 +77,7 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig, trained: bool 
             + (f" (and {', '.join(more)} differ)" if more else "")
             + ": resume with the same settings or use a new --run-dir"
         )
-    old, new = _flat(saved), _flat(cfg)
-    return [(k, old[k], new[k]) for k in SPEED_FIELDS if old[k] != new[k]]
+    return _changed(saved, cfg, SPEED_FIELDS)
 
 
 def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
