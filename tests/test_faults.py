@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +17,10 @@ from conftest import tiny_config
 
 from ar_lm.cli import main
 from ar_lm.config import save_json
-from ar_lm.errors import EXIT_PREEMPTED, NonFiniteError
+from ar_lm.errors import EXIT_PREEMPTED, NonFiniteError, UserError
 from ar_lm.parallel.mesh import logical_rules, make_mesh
 from ar_lm.training import rundir
-from ar_lm.training.checkpoint import Checkpointer
+from ar_lm.training.checkpoint import Checkpointer, choose_data_state
 from ar_lm.training.loop import train
 from ar_lm.training.state import abstract_params
 
@@ -226,3 +227,46 @@ def test_sigterm_to_one_process_stops_all_at_the_same_polled_step(tmp_path, byte
                                rtol=1e-5)
     assert json.loads((run / "summary.json").read_text())["val_loss"] == pytest.approx(
         single.summary["val_loss"], rel=1e-5)
+
+
+def test_kill_9_of_one_process_resumes_each_process_from_its_own_data_state(tmp_path, byte_data):
+    cfg = tiny_config(byte_data, train={"steps": 24, "checkpoint_every": 4}, mesh={"devices": 0, "data": -1, "fsdp": 2})
+    path = tmp_path / "exp.json"
+    save_json(cfg, path)
+    run = tmp_path / "mp"
+    launch = [sys.executable, "-m", "ar_lm", "launch", "local", "--processes", "2", "--devices-per-process", "4",
+              "--timeout", "240", "--", "train", str(path), "--run-dir", str(run)]
+    proc = subprocess.Popen(launch, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and _last_logged_step(run) < 10:
+        time.sleep(0.05)
+    os.kill(_pid_of("train", str(run), "--process-id", "1"), signal.SIGKILL)
+    t = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGKILL and time.time() - t < 60, err[-2000:]  # the peer is not waited on
+    ckpt = Checkpointer(run / "checkpoints", read_only=True)
+    killed_at = ckpt.latest_step()
+    ckpt.close()
+    assert killed_at % 4 == 0 and 8 <= killed_at < 24 and not (run / "summary.json").exists()
+    saved = sorted(p.name for p in (run / "checkpoints" / str(killed_at) / "data").glob("process_*"))
+    assert saved == ["process_0-of-2.json", "process_1-of-2.json"]  # one iterator state per process
+    shutil.copytree(run, tmp_path / "one")
+    assert subprocess.run(launch, env=ENV, capture_output=True, timeout=300).returncode == 0
+    single = train(cfg, tmp_path / "single")  # this process: 8 devices, the same mesh
+    resumed_alone = train(cfg, tmp_path / "one")  # another process count: the equal states are accepted
+    for other in (run, tmp_path / "one"):
+        np.testing.assert_allclose([l for _, l in _train_losses(other)],
+                                   [l for _, l in _train_losses(tmp_path / "single")], rtol=1e-5)
+    assert resumed_alone.summary["val_loss"] == pytest.approx(single.summary["val_loss"], rel=1e-5)
+
+
+def test_per_process_data_states_are_chosen_by_process_and_count():
+    a, b = {"next_index": 3}, {"next_index": 5}
+    files = {"process_0-of-2.json": a, "process_1-of-2.json": b}
+    assert choose_data_state(files, 1, 2) == b and choose_data_state(files, 0, 2) == a
+    with pytest.raises(UserError, match="differ between its 2 processes: resume with 2 processes"):
+        choose_data_state(files, 0, 1)
+    same = {"process_0-of-2.json": a, "process_1-of-2.json": dict(a)}
+    assert choose_data_state(same, 0, 1) == a and choose_data_state(same, 3, 4) == a
+    with pytest.raises(UserError, match="holds no data-iterator state"):
+        choose_data_state({}, 0, 1)

@@ -60,13 +60,8 @@ def run_local(args: list[str], processes: int, devices_per_process: int, timeout
         out = open(log_dir / f"process_{i}.log", "w") if log_dir else None
         logs.append(out)
         procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
-    deadline = time.time() + timeout
-    codes = []
     try:
-        for p in procs:
-            codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
-    except subprocess.TimeoutExpired:
-        raise UserError(f"the local {processes}-process run did not finish within {timeout:.0f} s") from None
+        return _wait_all(procs, timeout)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -74,7 +69,29 @@ def run_local(args: list[str], processes: int, devices_per_process: int, timeout
         for f in logs:
             if f:
                 f.close()
-    return max(codes)
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal s: 128 + s, as a shell reports it
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float, grace: float = 30.0) -> int:
+    """The highest exit status once all have exited. After the first failure the others get
+    `grace` seconds to stop by themselves (a preempted peer is finishing its checkpoint), then are
+    killed: they would otherwise wait in a collective for a dead peer (``srun --kill-on-bad-exit``)."""
+    deadline = time.time() + timeout
+    failed: list[int] = []
+    while time.time() < deadline:
+        codes = [p.poll() for p in procs]
+        if None not in codes:
+            return max(_exit_status(c) for c in codes)
+        if not failed and any(c not in (None, 0) for c in codes):
+            failed = [c for c in codes if c not in (None, 0)]
+            deadline = min(deadline, time.time() + grace)
+        time.sleep(0.05)
+    if failed:
+        return max(_exit_status(c) for c in failed)
+    raise UserError(f"the local {len(procs)}-process run did not finish within {timeout:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------

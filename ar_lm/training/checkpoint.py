@@ -1,6 +1,9 @@
 """Checkpoints with orbax `CheckpointManager`: train state + data-iterator state per step.
 
-Layout: ``RUN_DIR/checkpoints/<step>/{state,data}``. orbax writes each step into a temporary
+Layout: ``RUN_DIR/checkpoints/<step>/{state,data}``; ``data/`` holds one JSON iterator state per
+process, ``process_<i>-of-<n>.json`` (grain's orbax handler's layout). Each process restores its
+own; a run resumed on another process count accepts the states only when all n are equal (true
+of ar_lm's pipeline, whose state counts global batches), and refuses otherwise. orbax writes each step into a temporary
 directory and renames it when complete, so only fully committed steps are listed and restored.
 Restoring takes abstract arrays with target shardings, so a checkpoint saved on one mesh loads
 onto another (resharding on load).
@@ -8,6 +11,8 @@ onto another (resharding on load).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +24,57 @@ from ar_lm.errors import UserError, require
 from ar_lm.parallel.mesh import mesh_context
 from ar_lm.training import rundir
 from ar_lm.training.state import abstract_params
+
+
+def _state_file(index: int, count: int) -> str:
+    return f"process_{index}-of-{count}.json"
+
+
+def choose_data_state(saved: dict[str, dict], index: int, count: int) -> dict:
+    """This process's iterator state from the per-process files `saved` (name -> state)."""
+    if _state_file(index, count) in saved:
+        return saved[_state_file(index, count)]
+    require(len(saved) > 0, "the checkpoint holds no data-iterator state: use a new --run-dir")
+    states = list(saved.values())
+    require(
+        all(s == states[0] for s in states),
+        f"the checkpoint's data-iterator states differ between its {len(states)} processes: "
+        f"resume with {len(states)} processes",
+    )
+    return states[0]
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """orbax handler: every process writes and reads its own iterator state (see module docstring)."""
+
+    def save(self, directory, args: "DataSave"):
+        name = _state_file(jax.process_index(), jax.process_count())
+        (directory / name).write_text(json.dumps(args.state, indent=1))
+
+    def restore(self, directory, args: "DataRestore" = None) -> dict:
+        saved = {f.name: json.loads(f.read_text()) for f in directory.iterdir() if f.name.startswith("process_")}
+        return choose_data_state(saved, jax.process_index(), jax.process_count())
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    state: dict
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpointer:
@@ -42,7 +98,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataSave(data_state)),
             force=force,
         )
 
@@ -52,7 +108,7 @@ class Checkpointer:
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(abstract_state), data=DataRestore()
                 ),
             )
         except (ValueError, KeyError) as e:
