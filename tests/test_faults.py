@@ -200,9 +200,9 @@ def _pid_of(*words):
     return None
 
 
-def test_sigterm_to_one_process_stops_all_at_the_same_polled_step(tmp_path, byte_data):
-    cfg = tiny_config(byte_data, train={"steps": 48, "log_every": 4, "checkpoint_every": 0},
-                      mesh={"devices": 0, "data": -1, "fsdp": 2})
+def _two_processes_until(tmp_path, cfg, step):
+    """Launch `cfg` as a 2-process local run; once it has logged `step`, return (launch command, run
+    dir, launcher process, pid of process 1)."""
     path = tmp_path / "exp.json"
     save_json(cfg, path)
     run = tmp_path / "mp"
@@ -210,9 +210,15 @@ def test_sigterm_to_one_process_stops_all_at_the_same_polled_step(tmp_path, byte
               "--timeout", "240", "--", "train", str(path), "--run-dir", str(run)]
     proc = subprocess.Popen(launch, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and _last_logged_step(run) < 8:
+    while time.time() < deadline and _last_logged_step(run) < step:
         time.sleep(0.05)
-    worker = _pid_of("train", str(run), "--process-id", "1")
+    return launch, run, proc, _pid_of("train", str(run), "--process-id", "1")
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_polled_step(tmp_path, byte_data):
+    cfg = tiny_config(byte_data, train={"steps": 48, "log_every": 4, "checkpoint_every": 0},
+                      mesh={"devices": 0, "data": -1, "fsdp": 2})
+    launch, run, proc, worker = _two_processes_until(tmp_path, cfg, 8)
     assert worker is not None
     os.kill(worker, signal.SIGTERM)  # only process 1 is told; process 0 learns it at the next shared poll
     out, err = proc.communicate(timeout=180)
@@ -231,16 +237,9 @@ def test_sigterm_to_one_process_stops_all_at_the_same_polled_step(tmp_path, byte
 
 def test_kill_9_of_one_process_resumes_each_process_from_its_own_data_state(tmp_path, byte_data):
     cfg = tiny_config(byte_data, train={"steps": 24, "checkpoint_every": 4}, mesh={"devices": 0, "data": -1, "fsdp": 2})
-    path = tmp_path / "exp.json"
-    save_json(cfg, path)
-    run = tmp_path / "mp"
-    launch = [sys.executable, "-m", "ar_lm", "launch", "local", "--processes", "2", "--devices-per-process", "4",
-              "--timeout", "240", "--", "train", str(path), "--run-dir", str(run)]
-    proc = subprocess.Popen(launch, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and _last_logged_step(run) < 10:
-        time.sleep(0.05)
-    os.kill(_pid_of("train", str(run), "--process-id", "1"), signal.SIGKILL)
+    launch, run, proc, worker = _two_processes_until(tmp_path, cfg, 10)
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
     t = time.time()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGKILL and time.time() - t < 60, err[-2000:]  # the peer is not waited on
