@@ -54,7 +54,7 @@ def _train(p) -> None:
 def _eval(p) -> None:
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset directory (default: the run's own)")
-    p.add_argument("--batches", type=int, help="number of val batches (default: train.eval_batches; -1: all)")
+    p.add_argument("--tokens", type=int, help="val tokens to evaluate (default: train.eval_tokens; 0: all, up to the cap)")
 
 
 def _sweep(p) -> None:
@@ -73,6 +73,15 @@ def _fit(p) -> None:
     p.add_argument("--out", help="output directory for fit.json and plots (default: SWEEP_DIR/fit or next to the CSV)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
     p.add_argument("--approach", type=int, action="append", choices=(1, 2, 3), help="repeatable; default: all")
+    p.add_argument("--flops-model", default="6nd", choices=("6nd", "exact"),
+                   help="how the CSV's flops were counted (exact: flops / tokens per row)")
+    p.add_argument("--full-grid", action="store_true", help="approach 3 from every grid start (default: the best 64)")
+    p.add_argument("--exclude-repeated", action="store_true", help="drop points that trained > 1 epoch")
+    p.add_argument("--test", help="CSV of held-out points (same columns as --points): predict each with an interval")
+    p.add_argument("--predict", nargs="+", metavar="N:D", help="predict the loss at these sizes and token counts")
+    p.add_argument("--predict-compute", nargs="+", type=float, metavar="C", help="compute-optimal N, D, loss at C")
+    p.add_argument("--holdout-above", type=float, metavar="C", help="backtest: fit below C, predict the rest")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compute multiplier of B over A (sweeps or CSVs)")
 
 
 def _compare(p) -> None:

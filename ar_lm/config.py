@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 
 from ar_lm.errors import UserError, require
 
+EVAL_TOKENS_CAP = 1_048_576  # what train.eval_tokens=0 reads at most (a random subset spread over larger splits)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -97,7 +99,7 @@ class TrainConfig:
     tokens: int = 0  # token budget; steps = tokens // (batch_size * seq_len)
     seed: int = 0
     eval_every: int = 50  # 0 -> only at the end
-    eval_batches: int = 8
+    eval_tokens: int = 0  # val target tokens per evaluation (0: the whole split, up to EVAL_TOKENS_CAP)
     log_every: int = 10
     checkpoint_every: int = 50  # 0 -> only at the end
     keep_checkpoints: int = 2
@@ -185,10 +187,10 @@ FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
        for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")},
     "model.vocab_size": _zero_means("the dataset's"), "model.n_kv_heads": _zero_means("n_heads"),
     "model.d_ff": _zero_means("the family's"), "optim.clip_norm": _zero_means("off"),
-    "train.eval_every": _zero_means("at the end only"), "train.eval_batches": (">= -1 (0 or -1: the whole split)", lambda x: x >= -1),
-    "train.checkpoint_every": _zero_means("at the end only"), "train.keep_checkpoints": _zero_means("all"),
-    "mesh.devices": _zero_means("all"), "mesh.cpu_devices": _zero_means("auto"),
-    "logging.peak_flops": _zero_means("known or measured"),
+    **{k: _zero_means("at the end only") for k in ("train.eval_every", "train.checkpoint_every")},
+    "train.eval_tokens": _zero_means(f"the whole split, up to EVAL_TOKENS_CAP={EVAL_TOKENS_CAP:,}"),
+    **{k: _zero_means("all") for k in ("train.keep_checkpoints", "mesh.devices")},
+    "mesh.cpu_devices": _zero_means("auto"), "logging.peak_flops": _zero_means("known or measured"),
     "optim.warmup_frac": _range(0, 1, True), "optim.final_lr_frac": _range(0, 1, False),
     "optim.b1": _range(0, 1, True), "optim.b2": _range(0, 1, True),
     "train.debug_nan_steps": ("a list of steps >= 1", lambda steps: all(s >= 1 for s in steps)),
@@ -311,8 +313,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return int(number)
         raise UserError(f"{key} expects an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         try:
             return float(value)
         except (TypeError, ValueError):

@@ -60,7 +60,7 @@ def tiny_config(data_path: Path | str = "", **sections) -> ExperimentConfig:
         model=ModelConfig(family="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
         data=DataConfig(path=str(data_path), seq_len=32, batch_size=8, prefetch=0),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        train=TrainConfig(steps=20, eval_every=0, eval_batches=2, log_every=1, checkpoint_every=0, async_checkpoint=False),
+        train=TrainConfig(steps=20, eval_every=0, eval_tokens=512, log_every=1, checkpoint_every=0, async_checkpoint=False),
         mesh=MeshConfig(devices=1),
         logging=LoggingConfig(wandb=False, progress=False),
     )

@@ -13,7 +13,7 @@ from ar_lm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "tiny.py")
-FAST = ["--set", "train.steps=4", "--set", "train.eval_batches=1", "--set", "model.d_model=32", "--set",
+FAST = ["--set", "train.steps=4", "--set", "train.eval_tokens=256", "--set", "model.d_model=32", "--set",
         "data.seq_len=32", "--set", "data.batch_size=8", "--set", "mesh.devices=1", "--set", "logging.wandb=false",
         "--set", "train.checkpoint_every=2"]
 
@@ -82,6 +82,7 @@ BAD_TRAIN = [
     (["--set", "mesh.rule_overrides=mpl=tensor"], "names unknown logical axis 'mpl'"),
     (["--set", "train.log_every=0"], "train.log_every must be >= 1, got 0"),
     (["--set", "train.eval_every=-5"], "train.eval_every must be >= 0"),
+    (["--set", "train.eval_tokens=-1"], "train.eval_tokens must be >= 0 (0: the whole split, up to EVAL_TOKENS_CAP="),
     (["--set", "optim.warmup_frac=1.5"], "optim.warmup_frac must be in [0, 1)"),
     (["--set", "optim.b2=1"], "optim.b2 must be in [0, 1)"),
     (["--set", "train.max_skips=-1"], "train.max_skips must be >= 0"),
@@ -122,6 +123,7 @@ def test_bad_prepare_and_eval_input(tmp_path, byte_data, trained_run, capsys):
         (["train", str(tmp_path / "missing.py")], "does not exist"),
         (["eval", str(tmp_path / "norun")], "does not exist"),
         (["eval", str(byte_data)], "not an ar_lm run directory"),
+        (["eval", str(trained_run), "--tokens", "-1"], "--tokens must be >= 0, got -1"),
         (["frobnicate"], "invalid choice"),
         ([], "no command given"),
     ]

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ar_lm.config import EVAL_TOKENS_CAP
 from ar_lm.data.dataset import TokenDataset, write_dataset
-from ar_lm.data.pipeline import TrainIterator, WindowSource, eval_batches, train_dataset
+from ar_lm.data.pipeline import TrainIterator, WindowSource, eval_batches, eval_window_indices, train_dataset
 from ar_lm.data.sources import file_documents, split_documents, stdlib_documents
 from ar_lm.errors import UserError
 
@@ -130,13 +131,38 @@ def test_process_slices_union_is_the_global_batch(byte_data):
         assert as_set(np.concatenate(parts)) == as_set(g)
 
 
-def test_eval_batches_are_fixed(byte_data):
+def test_eval_batches_are_fixed_and_are_the_chosen_windows(byte_data):
     ds = TokenDataset(byte_data)
-    a = eval_batches(ds, 16, 4, 3)
-    b = eval_batches(ds, 16, 4, 3)
+    a = eval_batches(ds, 16, 4, 3 * 4 * 16, seed=5)
+    b = eval_batches(ds, 16, 4, 3 * 4 * 16, seed=5)  # a later evaluation of the same run
     assert len(a) == 3 and all(x.shape == (4, 17) for x in a)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+    source = WindowSource(ds.shards("val"), 16)
+    idx = eval_window_indices(len(source), 16, 4, 3 * 4 * 16, seed=5)
+    np.testing.assert_array_equal(np.concatenate(a), np.stack([source[int(i)] for i in idx]))
+    parts = [eval_batches(ds, 16, 4, 3 * 4 * 16, seed=5, process_index=p, process_count=2) for p in range(2)]
+    for j, g in enumerate(a):  # each process holds its share of the same global batches
+        assert sorted(map(tuple, np.concatenate([parts[0][j], parts[1][j]]).tolist())) == sorted(map(tuple, g.tolist()))
+
+
+def test_eval_windows_are_a_seeded_subset_spread_over_the_split():
+    idx = eval_window_indices(1000, 16, 4, 10 * 4 * 16, seed=0)
+    assert len(idx) == 40 and len(set(idx.tolist())) == 40 and np.all(np.diff(idx) > 0)  # distinct, sorted
+    assert idx.max() >= 750 and idx.min() < 250  # from the whole split, not its first windows
+    np.testing.assert_array_equal(idx, eval_window_indices(1000, 16, 4, 10 * 4 * 16, seed=0))
+    assert not np.array_equal(idx, eval_window_indices(1000, 16, 4, 10 * 4 * 16, seed=1))
+    assert len(eval_window_indices(1000, 16, 4, 10 * 4 * 16 + 63, seed=0)) == 40  # whole batches only
+    assert len(eval_window_indices(1000, 16, 4, 1, seed=0)) == 4  # at least one batch
+
+
+def test_eval_windows_whole_split_cap_and_wrap_around():
+    np.testing.assert_array_equal(eval_window_indices(12, 16, 4, 0, seed=0), np.arange(12))  # 0: all
+    np.testing.assert_array_equal(eval_window_indices(12, 16, 4, 10**6, seed=0), np.arange(12))
+    assert len(eval_window_indices(14, 16, 4, 0, seed=0)) == 12  # full batches of the split
+    capped = eval_window_indices(10**6, 16, 4, 0, seed=0)
+    assert len(capped) * 16 == EVAL_TOKENS_CAP and capped.max() > 750_000
+    np.testing.assert_array_equal(eval_window_indices(3, 16, 4, 0, seed=0), [0, 1, 2, 0])  # wraps to fill a batch
 
 
 @settings(max_examples=50, deadline=None)

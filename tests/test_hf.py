@@ -176,16 +176,19 @@ def test_round_trip_import_eval_finetune_export(tmp_path, byte_data, capfd):
     assert main(["import-hf", str(tmp_path / "hf"), str(run)]) == 0
     assert "no text tokenizer" in capfd.readouterr().err
 
-    assert main(["eval", str(run), "--data", str(byte_data), "--batches", "1"]) == 0
-    ours = json.loads(capfd.readouterr().out)["loss"]
     cfg = load_json(run / "config.json")
-    batch_BxL1 = eval_batches(TokenDataset(byte_data), cfg.data.seq_len, cfg.data.batch_size, 1)[0]
+    one_batch = cfg.data.batch_size * cfg.data.seq_len
+    assert main(["eval", str(run), "--data", str(byte_data), "--tokens", str(one_batch)]) == 0
+    ours = json.loads(capfd.readouterr().out)["loss"]
+    batches = eval_batches(TokenDataset(byte_data), cfg.data.seq_len, cfg.data.batch_size, one_batch, cfg.train.seed)
+    assert len(batches) == 1
+    batch_BxL1 = batches[0]
     logits_BxLxV = torch.from_numpy(hf_logits(model, batch_BxL1[:, :-1]))
     ref = torch.nn.functional.cross_entropy(logits_BxLxV.flatten(0, 1), torch.from_numpy(batch_BxL1[:, 1:]).long().flatten())
     assert ours == pytest.approx(ref.item(), rel=1e-5)
 
     finetune = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(byte_data), prefetch=0),
-                                   train=dataclasses.replace(cfg.train, steps=3, eval_batches=1))
+                                   train=dataclasses.replace(cfg.train, steps=3, eval_tokens=one_batch))
     assert train(finetune, run).summary["step"] == 3  # resumes from the imported step-0 checkpoint
     assert main(["export-hf", str(run), str(tmp_path / "out")]) == 0
     exported = load_without_warnings(tmp_path / "out", capfd)

@@ -12,7 +12,11 @@ from ar_lm.errors import UserError
 from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.scaling import ShapeRule, grid_sweep, isoflop_sweep, ladder, ladder_model
 from ar_lm.scaling import fit as F
+from ar_lm.scaling import isoflop as I
+from ar_lm.scaling import parametric as PR
 from ar_lm.scaling import points as P
+from ar_lm.scaling import predict as Q
+from ar_lm.scaling.compute import ComputeModel, measured
 
 TRUE = {"E": 1.8, "A": 400.0, "B": 600.0, "alpha": 0.35, "beta": 0.30}
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -51,7 +55,7 @@ def test_parametric_fit_is_exact_without_noise():
 
 def test_chinchilla_published_fit_gives_its_exponent():
     p = dict(CHINCHILLA)
-    p.update(F._frontier_exponents(p))
+    p.update(PR.asymptotic_exponents(p))
     assert p["a"] == pytest.approx(0.46, abs=0.01)
     # independently: minimise L(N, C / 6N) over N numerically at two budgets and take the slope
     n_opts = []
@@ -59,7 +63,7 @@ def test_chinchilla_published_fit_gives_its_exponent():
         res = optimize.minimize_scalar(lambda logn: _law(p, math.exp(logn), c / (6 * math.exp(logn))),
                                        bounds=(10, 40), method="bounded", options={"xatol": 1e-10})
         n_opts.append(math.exp(res.x))
-        n_formula, _ = F.parametric_optimal(p, c)
+        n_formula, _ = PR.optimal_size(p, ComputeModel(), c)
         assert n_formula == pytest.approx(n_opts[-1], rel=1e-4)
     slope = math.log(n_opts[1] / n_opts[0]) / math.log(100)
     assert slope == pytest.approx(p["a"], abs=1e-4)
@@ -67,10 +71,10 @@ def test_chinchilla_published_fit_gives_its_exponent():
 
 def test_approach2_recovers_the_frontier():
     p = dict(TRUE)
-    p.update(F._frontier_exponents(p))
+    p.update(PR.asymptotic_exponents(p))
     rows = []
     for g, c in enumerate((1e18, 1e19, 1e20, 1e21)):
-        n_star, _ = F.parametric_optimal(p, c)
+        n_star, _ = PR.optimal_size(p, ComputeModel(), c)
         for n in n_star * np.geomspace(1 / 4, 4, 7):
             rows.append((n, c / (6 * n), c, _law(p, n, c / (6 * n)), g))
     arr = np.array(rows)
@@ -78,7 +82,7 @@ def test_approach2_recovers_the_frontier():
     res = F.fit_points(pts, n_boot=20, approaches=(2,))["approach2"]
     assert res["a"] == pytest.approx(p["a"], abs=0.02)
     assert res["b"] == pytest.approx(p["b"], abs=0.02)
-    assert all(m["interior"] for m in res["minima"])
+    assert len(res["minima"]) == 4 and not res["excluded"]
 
 
 def test_approach1_envelope_picks_the_best_run():
@@ -160,3 +164,117 @@ def test_points_csv_validation(tmp_path):
         F.fit_points(P.points_from_csv(few), n_boot=0, approaches=(2,))
     with pytest.raises(UserError, match="needs at least 5 points"):
         F.fit_points(P.points_from_csv(few), n_boot=0, approaches=(3,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trustworthy fits: wide IsoFLOP curves, exact compute, convergence, intervals, multipliers
+
+P_TRUE = {**TRUE, **PR.asymptotic_exponents(TRUE)}
+
+
+def _wide_isoflop(seed, noise=0.005, compute=ComputeModel(), law=P_TRUE, budgets=np.geomspace(1e17, 1e23, 8)):
+    """8 budgets, each 16 sizes over 1000x in N with the optimum moving from 15% to 85% of the span."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g, c in enumerate(budgets):
+        n_star, _ = PR.optimal_size(law, compute, c)
+        lo = n_star / 1000 ** (0.15 + 0.7 * g / (len(budgets) - 1))
+        for n in np.geomspace(lo, lo * 1000, 16):
+            d = float(compute.tokens(n, c))
+            rows.append((n, d, c, _law(law, n, d) * math.exp(rng.normal(0, noise)), g))
+    a = np.array(rows)
+    return P.Points(a[:, 0], a[:, 1], a[:, 2], a[:, 3], group=a[:, 4].astype(int), compute=compute)
+
+
+def test_windowed_isoflop_minima_recover_the_frontier_where_one_parabola_does_not():
+    exact = I.approach2(_wide_isoflop(0, noise=0.0), ComputeModel())
+    parabola = I.approach2(_wide_isoflop(0, noise=0.0), ComputeModel(), window=np.inf)  # every point
+    assert abs(exact["a"] - P_TRUE["a"]) < 0.002 and abs(parabola["a"] - P_TRUE["a"]) > 0.025
+    windowed, everything = [], []
+    for seed in range(10):
+        pts = _wide_isoflop(seed)
+        windowed.append(I.approach2(pts, ComputeModel())["a"])
+        everything.append(I.approach2(pts, ComputeModel(), window=np.inf)["a"])
+    assert abs(np.mean(windowed) - P_TRUE["a"]) < 0.02 < abs(np.mean(everything) - P_TRUE["a"])
+
+
+def test_budgets_without_an_interior_minimum_are_excluded_and_named():
+    pts = _wide_isoflop(0, noise=0.0)
+    keep = ~((pts.group == 7) & (pts.N < np.sort(pts.N[pts.group == 7])[13]))  # budget 7 loses its small sizes
+    res = I.approach2(pts.subset(keep), ComputeModel())
+    assert len(res["minima"]) == 7 and res["excluded"][0]["reason"] == "the lowest loss is at the smallest size"
+    assert res["excluded"][0]["C"] == pytest.approx(1e23, rel=1e-6)
+    boot = F.fit_points(_wide_isoflop(1), n_boot=30, approaches=(2,))["approach2"]
+    assert boot["bootstrap_ok"][1] == 30 and 25 <= boot["bootstrap_ok"][0] <= 30  # counted, not silently dropped
+    lo, hi = boot["ci"]["a"]
+    assert lo < boot["a"] < hi
+
+
+def test_exact_compute_model_sets_d_opt_and_the_frontier():
+    sizes = np.geomspace(1e3, 1e12, 28)  # every 1/3 decade
+    big_attention = measured(sizes, 6 * sizes + 6e4 * sizes**0.5)  # fpt / 6N = 1 + 1e4 / sqrt(N)
+    assert big_attention.fpt(1e6) == pytest.approx(6e6 + 6e7, rel=1e-9)  # a measured size
+    assert big_attention.fpt(1.5e6) == pytest.approx(9e6 + 6e4 * 1.5e6**0.5, rel=0.01)  # between two
+    pts = _wide_isoflop(0, noise=0.0, compute=big_attention, budgets=np.geomspace(1e15, 1e21, 8))
+    res = F.fit_points(pts, n_boot=0, approaches=(2, 3))
+    minima = res["approach2"]["minima"]
+    for m in minima:
+        assert m["D_opt"] == pytest.approx(m["C"] / big_attention.fpt(m["N_opt"]), rel=1e-9)
+        assert m["D_opt"] < m["C"] / (6 * m["N_opt"]) / 1.2  # not C / 6N (fpt / 6N >= 1.25 here)
+    c = np.array([m["C"] for m in minima])
+    true_opt = np.array([PR.optimal_size(P_TRUE, big_attention, x) for x in c])
+    assert res["approach2"]["a"] == pytest.approx(I.power_law(c, true_opt[:, 0])[1], abs=0.02)
+    assert res["approach2"]["b"] == pytest.approx(I.power_law(c, true_opt[:, 1])[1], abs=0.02)
+    n_opt, d_opt = PR.optimal_size(res["approach3"], big_attention, 1e22)
+    n_true, d_true = PR.optimal_size(P_TRUE, big_attention, 1e22)
+    assert n_opt == pytest.approx(n_true, rel=0.02) and big_attention.fpt(n_opt) * d_opt == pytest.approx(1e22)
+    local = PR.local_exponents(P_TRUE, big_attention, 1e16)
+    assert local["a"] > P_TRUE["a"] + 0.02  # the attention term shifts the small-scale frontier
+
+
+def test_approach3_converges_to_the_known_optimum_and_reports_a_capped_fit():
+    pts = _noisy_grid(noise=0.0)
+    res = PR.fit_parametric(pts.N, pts.D, pts.L)
+    assert res["converged"] and res["converged_starts"] > 0
+    theta_true = [math.log(TRUE["A"]), math.log(TRUE["B"]), math.log(TRUE["E"]), TRUE["alpha"], TRUE["beta"]]
+    np.testing.assert_allclose(res["theta"], theta_true, atol=1e-6)
+    capped = PR.fit_parametric(pts.N, pts.D, pts.L, top=4, options={"maxiter": 2})
+    assert not capped["converged"] and capped["converged_starts"] == 0
+    assert "NOT CONVERGED" in __import__("ar_lm.scaling.report", fromlist=["x"]).format_report(
+        {"n_points": 49, "n_kind": "total", "compute": {"kind": "6nd"}, "approach3": {
+            **capped, "starts": "4", "bootstrap_ok": [0, 0], "C_ref": 1.0, "local": None}})
+
+
+def _coverage_draw(seed, n_sizes=5):
+    rng = np.random.default_rng(seed)
+    n, d = np.meshgrid(np.geomspace(1e6, 1e8, n_sizes), np.geomspace(1e8, 1e10, n_sizes))
+    n, d = n.ravel(), d.ravel()
+    pts = P.Points(n, d, 6 * n * d, _law(TRUE, n, d) * np.exp(rng.normal(0, 0.005, n.size)))
+    fit = F.fit_points(pts, n_boot=20, seed=seed, approaches=(3,), top=4)
+    n_t, d_t = 2e8, 2e10  # 2x beyond the sampled sizes and tokens
+    truth = _law(TRUE, n_t, d_t) * math.exp(rng.normal(0, 0.005))
+    return Q.predict_loss(fit, n_t, d_t), truth
+
+
+def test_prediction_intervals_cover_at_about_the_stated_rate_and_shrink_with_more_points():
+    draws = [_coverage_draw(s) for s in range(100)]
+    covered = np.mean([p["interval"][0] <= t <= p["interval"][1] for p, t in draws])
+    widths = np.array([p["interval"][1] - p["interval"][0] for p, _ in draws])
+    errors = np.array([p["predicted_loss"] - t for p, t in draws])
+    assert covered >= 0.85, covered
+    # no blow-up: the median width is under twice the central 95% range of the actual errors
+    assert np.median(widths) < 2 * np.subtract(*np.percentile(errors, [97.5, 2.5]))
+    more = np.median([np.subtract(*_coverage_draw(s, n_sizes=9)[0]["interval"][::-1]) for s in range(10)])
+    assert more < np.median(widths[:10])
+
+
+def test_compute_multiplier_of_a_law_with_twice_the_effective_compute():
+    a = _wide_isoflop(0, noise=0.002)
+    b = _wide_isoflop(1, noise=0.002)
+    s = math.sqrt(2.0)  # B(N, D) = L(sqrt2 N, sqrt2 D): under C = 6ND, B at C is A at 2C
+    b = P.Points(b.N, b.D, b.C, _law(P_TRUE, s * b.N, s * b.D) * (b.L / _law(P_TRUE, b.N, b.D)), group=b.group)
+    fa, fb = (F.fit_points(p, n_boot=30, approaches=(2,)) for p in (a, b))
+    res = Q.compute_multiplier(fa, fb)
+    assert res["multiplier"] == pytest.approx(2.0, rel=0.1)
+    lo, hi = res["interval"]
+    assert lo < res["multiplier"] < hi

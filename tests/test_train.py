@@ -184,7 +184,7 @@ def test_stdlib_training_beats_unigram_entropy(tmp_path):
         model={"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64},
         data={"seq_len": 64, "batch_size": 16},
         optim={"lr": 3e-3, "warmup_steps": 10},
-        train={"steps": 250, "eval_batches": 4, "log_every": 50},
+        train={"steps": 250, "eval_tokens": 4096, "log_every": 50},
     )
     result = train(cfg, tmp_path / "run")
     unigram_nats = unigram_entropy_bits(TokenDataset(data), "train") * math.log(2)

@@ -7,6 +7,9 @@ records [j*B, (j+1)*B) of that order. Process p of P reads only records p, p+P, 
 its local batch j is exactly its share of global batch j, and the union over processes is the
 same global batch that a single process would read. The iterator state is grain's (a small
 JSON dict), saved in every checkpoint, so a resumed run continues with exactly the next batch.
+
+Evaluation reads a fixed set of val records (`eval_window_indices`): the whole split, or, when the token
+budget (`train.eval_tokens`, 0: up to config.EVAL_TOKENS_CAP) allows fewer, a seeded random subset spread over it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import grain
 import numpy as np
 
+from ar_lm.config import EVAL_TOKENS_CAP
 from ar_lm.data.dataset import TokenDataset
 from ar_lm.errors import require
 
@@ -61,27 +65,41 @@ def train_dataset(
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
+def split_windows(dataset: TokenDataset, split: str, seq_len: int) -> int:
+    """Number of records (windows of seq_len target tokens) in `split`."""
+    return len(_windows(dataset, split, seq_len))
+
+
+def eval_window_indices(n_windows: int, seq_len: int, global_batch: int, max_tokens: int, seed: int) -> np.ndarray:
+    """Sorted record indices evaluated: max(1, tokens // (global_batch * seq_len)) full batches, tokens =
+    `max_tokens` (0: EVAL_TOKENS_CAP), at most all the full batches of the split. Fewer records than the split
+    holds: a random subset seeded by `seed`, spread over the whole split. A split smaller than one global batch
+    wraps around to fill one."""
+    if n_windows < global_batch:
+        return np.arange(global_batch) % n_windows
+    n_batches = min(n_windows // global_batch, max(1, (max_tokens or EVAL_TOKENS_CAP) // (global_batch * seq_len)))
+    if n_batches * global_batch == n_windows:
+        return np.arange(n_windows)
+    rng = np.random.default_rng([seed, 0xE7A1])  # its own stream: not the init's or the data order's
+    return np.sort(rng.choice(n_windows, n_batches * global_batch, replace=False))
+
+
 def eval_batches(
     dataset: TokenDataset,
     seq_len: int,
     global_batch: int,
-    max_batches: int,
+    max_tokens: int,
+    seed: int,
     split: str = "val",
     process_index: int = 0,
     process_count: int = 1,
 ) -> list[np.ndarray]:
-    """The first `max_batches` (all if <= 0) full batches of the split, in order (no shuffle).
-
-    A split smaller than one global batch gives one batch that wraps around to fill it."""
+    """This process's share of the fixed eval batches over the records `eval_window_indices` picks, in index
+    order: global batch j holds picked records [j*B, (j+1)*B), process p every P-th of them from p."""
     source = _windows(dataset, split, seq_len)
-    ds = grain.MapDataset.source(source)
-    if len(source) < global_batch:
-        ds = ds.repeat(None)[:global_batch]
-    n = len(ds) // global_batch
-    if max_batches > 0:
-        n = min(n, max_batches)
-    ds = ds[: n * global_batch][process_index::process_count].batch(global_batch // process_count)
-    return [ds[i] for i in range(n)]
+    idx = eval_window_indices(len(source), seq_len, global_batch, max_tokens, seed)
+    local = idx[process_index::process_count].reshape(len(idx) // global_batch, global_batch // process_count)
+    return [np.stack([source[int(i)] for i in row]) for row in local]
 
 
 class TrainIterator:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ar_lm.errors import UserError
 from ar_lm.io import atomic_write_json
-from ar_lm.scaling.fit import format_report, predict_loss, predict_optimal
 from ar_lm.scaling.plots import plot_parametric
-from ar_lm.scaling.report import fit_sweep_dir
+from ar_lm.scaling.predict import predict_compute, predict_loss
+from ar_lm.scaling.report import fit_sweep_dir, format_report
 from ar_lm.scaling.sweeps import Sweep, compute_optimal_point
 from ar_lm.training import rundir
 
@@ -35,21 +35,27 @@ def fit_and_check(sweep: Sweep, runner, out: Path) -> None:
 
 
 def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float) -> dict:
-    """Run `holdout{index}` at `budget` with the fitted N_opt (kept within 2x of the sizes the sweep
-    measured: no wild extrapolation) and compare its final val loss with the law's prediction."""
-    sizes = [p.coords["N"] for p in sweep.points]
-    n_opt = min(max(predict_optimal(result, budget)["N_opt"], min(sizes) / 2), max(sizes) * 2)
-    point = compute_optimal_point(sweep.base, budget, n_opt, f"holdout{index}", sweep.rule, sweep.n_kind)
+    """Run `holdout{index}` at `budget` with the ladder shape nearest the fitted N_opt (no clamp to
+    the sweep's sizes) and compare its final val loss with the law's prediction and 95% interval."""
+    optimal = predict_compute(result, budget)
+    point = compute_optimal_point(sweep.base, budget, optimal["N_opt"], f"holdout{index}", sweep.rule, sweep.n_kind)
     runner.write_points([point])
     runner.run([point])
     measured = (rundir.read_summary(runner.run_dir(point.name)) or {}).get("val_loss")
-    predicted = predict_loss(result, point.coords["N"], point.coords["D"])
-    check = {"name": point.name, "budget": budget, "N": point.coords["N"], "D": point.coords["D"],
-             "C": point.coords["C"], "predicted_loss": predicted, "measured_loss": measured,
-             "relative_error": (predicted - measured) / measured if measured else None}
+    pred = predict_loss(result, point.coords["N"], point.coords["D"])
+    predicted = pred["predicted_loss"]
+    largest = max(p.coords["C"] for p in sweep.points)
+    check = {"name": point.name, "budget": budget, "beyond_largest_budget": point.coords["C"] / largest,
+             "N_opt_fitted": optimal["N_opt"], "N_opt_interval": optimal["N_interval"],
+             "N": point.coords["N"], "D": point.coords["D"], "C": point.coords["C"], "predicted_loss": predicted,
+             "interval": pred["interval"], "measured_loss": measured,
+             "relative_error": (predicted - measured) / measured if measured else None,
+             "inside_interval": bool(pred["interval"][0] <= measured <= pred["interval"][1]) if measured else None}
     if measured is None:
         print(f"[holdout] {point.name} did not finish: {runner.status.get(point.name, {}).get('error')}")
     else:
-        print(f"[holdout] C={point.coords['C']:.3g} N={point.coords['N']:,} D={point.coords['D']:,}: "
-              f"predicted loss {predicted:.4f}, measured {measured:.4f} ({100 * check['relative_error']:+.2f}%)")
+        lo, hi = pred["interval"]
+        print(f"[holdout] C={point.coords['C']:.3g} ({check['beyond_largest_budget']:.1f}x the largest budget) "
+              f"N={point.coords['N']:,} D={point.coords['D']:,}: predicted loss {predicted:.4f} [{lo:.4f}, {hi:.4f}], "
+              f"measured {measured:.4f} ({100 * check['relative_error']:+.2f}%)")
     return check

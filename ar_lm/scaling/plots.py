@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ar_lm.scaling.fit import CI, parametric_loss, parametric_optimal  # noqa: E402
+from ar_lm.scaling.compute import ComputeModel  # noqa: E402
+from ar_lm.scaling.fit import CI  # noqa: E402
+from ar_lm.scaling.parametric import asymptotic_exponents, optimal_size, parametric_loss  # noqa: E402
 from ar_lm.scaling.points import Points  # noqa: E402
 
 
@@ -45,13 +47,15 @@ def plot_isoflop(result: dict, pts: Points, path: Path) -> None:
         match = [mm for mm in minima if abs(np.log(mm["C"] / c)) < 0.05]
         if match:
             mm = match[0]
-            xs = np.geomspace(pts.N[m].min() / 1.3, pts.N[m].max() * 1.3, 100)
+            xs = np.geomspace(mm["window_N"][0] / 1.3, mm["window_N"][1] * 1.3, 100)
             ax.plot(xs, np.polyval(mm["parabola"], np.log(xs)), color=color, lw=1.5)
             ax.scatter([mm["N_opt"]], [mm["loss_min"]], marker="*", s=160, color=color, edgecolor="k", zorder=4)
+        elif m.any():
+            ax.scatter(pts.N[m], pts.L[m], color=color, marker="x", zorder=3)  # excluded: no interior minimum
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("IsoFLOP curves with fitted parabolas (★ = minimum)")
+    ax.set_title("IsoFLOP curves, parabolas near each minimum (★; × = no interior minimum)")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     _save(fig, path)
@@ -80,15 +84,21 @@ def plot_loss_vs_flops(result: dict, pts: Points, path: Path) -> None:
     _save(fig, path)
 
 
+def _optimal_curve(p: dict, compute: ComputeModel, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n, d = zip(*(optimal_size(p, compute, c) for c in cs))
+    return np.array(n), np.array(d)
+
+
 def _band(result: dict, key: str, which: str, cs: np.ndarray):
     """Per-C percentiles of N_opt (which='N') or D_opt from the bootstrap fits of `key`."""
-    samples = result[key].get("bootstrap") or []
+    compute = ComputeModel.from_json(result["compute"])
     curves = []
-    for b in samples:
+    for b in result[key].get("bootstrap") or []:
         if key == "approach3":
+            b = {**b, **asymptotic_exponents(b)}
             if b.get("G") is None:
                 continue
-            n, d = b["G"] * (cs / 6) ** b["a"], (cs / 6) ** b["b"] / b["G"]
+            n, d = _optimal_curve(b, compute, cs)
         else:
             n, d = b["k_N"] * cs ** b["a"], b["k_D"] * cs ** b["b"]
         curves.append(n if which == "N" else d)
@@ -99,7 +109,7 @@ def _band(result: dict, key: str, which: str, cs: np.ndarray):
 
 def plot_optimal(result: dict, path: Path) -> None:
     cs_data = np.array([p["C"] for p in result["points"]])
-    cs = np.geomspace(cs_data.min() / 2, cs_data.max() * 30, 100)
+    cs = np.geomspace(cs_data.min() / 2, cs_data.max() * 30, 24)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     colors = {"approach1": "tab:blue", "approach2": "tab:orange", "approach3": "tab:green"}
     for which, ax in zip(("N", "D"), axes):
@@ -110,7 +120,7 @@ def plot_optimal(result: dict, path: Path) -> None:
             if key == "approach3":
                 if p.get("G") is None:
                     continue
-                n, d = parametric_optimal(p, cs)
+                n, d = _optimal_curve(p, ComputeModel.from_json(result["compute"]), cs)
                 exp = p["a"] if which == "N" else p["b"]
             else:
                 n, d = p["k_N"] * cs ** p["a"], p["k_D"] * cs ** p["b"]
@@ -179,4 +189,21 @@ def plot_compare(runs: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Run comparison")
+    _save(fig, path)
+
+
+def plot_frontiers(frontiers: dict, path: Path) -> None:
+    """Loss frontiers L*(C) = E + A C^-alpha of several fits ({label: (frontier, minima)})."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, (f, minima) in frontiers.items():
+        cs = np.array([m["C"] for m in minima])
+        xs = np.geomspace(cs.min() / 2, cs.max() * 2, 100)
+        line = ax.plot(xs, f["E"] + f["A"] * xs ** -f["alpha"], label=f"{label}: {f['E']:.3f} + {f['A']:.3g} C^-{f['alpha']:.3f}")
+        ax.scatter(cs, [m["loss_min"] for m in minima], color=line[0].get_color(), edgecolor="k", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs C")
+    ax.set_ylabel("IsoFLOP minimum loss (nats/token)")
+    ax.set_title("Loss frontiers")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
     _save(fig, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ar_lm.errors import UserError, require
+from ar_lm.scaling.compute import KINDS, ComputeModel, measured
 from ar_lm.training import rundir
 from ar_lm.training.metrics import read_jsonl
 
@@ -18,7 +20,8 @@ from ar_lm.training.metrics import read_jsonl
 @dataclass
 class Points:
     """Final losses of runs: N params, D tokens, C FLOPs, L loss (nats/token); optional IsoFLOP
-    group per point and training curves [(N, C_t array, L_t array)] for Approach 1."""
+    group per point, standard error of each loss, epochs over the train split, and training
+    curves [(N, C_t array, L_t array)] for Approach 1 (`curve_source` says which loss they hold)."""
 
     N: np.ndarray
     D: np.ndarray
@@ -27,35 +30,63 @@ class Points:
     group: Optional[np.ndarray] = None
     curves: list = field(default_factory=list)
     floor: Optional[float] = None  # known loss floor (entropy rate), nats
+    se: Optional[np.ndarray] = None
+    epochs: Optional[np.ndarray] = None
+    compute: ComputeModel = ComputeModel()
+    n_kind: str = "as given"
+    curve_source: str = ""
+
+    def subset(self, keep: np.ndarray) -> "Points":
+        """The points where boolean `keep` is true (curves and model kept)."""
+        part = lambda a: None if a is None else a[keep]  # noqa: E731
+        return dataclasses.replace(self, N=self.N[keep], D=self.D[keep], C=self.C[keep], L=self.L[keep],
+                                   group=part(self.group), se=part(self.se), epochs=part(self.epochs))
 
 
-def points_from_csv(path: str | Path) -> Points:
-    """`params,tokens,loss` or `params,flops,loss` (then D = C / 6N); an optional `flops`
-    column with `tokens` defines the IsoFLOP groups."""
+def without_repeated_data(pts: Points) -> Points:
+    """Only the points that saw each training token at most once (epochs <= 1)."""
+    require(pts.epochs is not None, "these points do not record epochs: --exclude-repeated needs a sweep or an "
+            "epochs column")
+    return pts.subset(pts.epochs <= 1.0 + 1e-9)
+
+
+def points_from_csv(path: str | Path, flops_model: str = "6nd") -> Points:
+    """`params,tokens,loss` or `params,flops,loss` (then D = C / 6N); an optional `flops` column
+    with `tokens` defines the IsoFLOP groups; optional `loss_se` and `epochs` columns.
+    `flops_model` says how the CSV's flops were counted: ``6nd`` (published data) or ``exact``
+    (fpt = flops / tokens per row; needs both columns)."""
     path = Path(path)
     require(path.is_file(), f"points file {path} does not exist")
+    require(flops_model in KINDS, f"--flops-model must be one of {', '.join(KINDS)}, got {flops_model!r}")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
         rows = list(reader)
     require("params" in cols and "loss" in cols and ({"tokens", "flops"} & cols),
             f"{path} needs columns params,tokens,loss or params,flops,loss (has {', '.join(sorted(cols)) or 'none'})")
-    try:
-        n = np.array([float(r["params"]) for r in rows])
-        l = np.array([float(r["loss"]) for r in rows])
-        c = np.array([float(r["flops"]) for r in rows]) if "flops" in cols else None
-        d = np.array([float(r["tokens"]) for r in rows]) if "tokens" in cols else None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path} has a non-numeric value ({e})") from None
+    require(flops_model == "6nd" or {"tokens", "flops"} <= cols,
+            f"{path}: --flops-model exact needs both tokens and flops columns: add them or use --flops-model 6nd")
     require(len(rows) > 0, f"{path} has no rows")
-    for name, arr in (("params", n), ("loss", l), ("flops", c), ("tokens", d)):
-        if arr is not None:
-            require(np.all(np.isfinite(arr)) and np.all(arr > 0), f"{path}: column {name} must hold positive numbers")
+    col = {name: _column(path, rows, name) if name in cols else None
+           for name in ("params", "loss", "flops", "tokens", "loss_se", "epochs")}
+    n, l, c, d = col["params"], col["loss"], col["flops"], col["tokens"]
     if d is None:
         d = c / (6 * n)
     if c is None:
         c = 6 * n * d
-    return Points(n, d, c, l, group=_group_by_flops(c) if "flops" in cols else None)
+    compute = measured(n, c / d) if flops_model == "exact" else ComputeModel()
+    return Points(n, d, c, l, group=_group_by_flops(c) if "flops" in cols else None, se=col["loss_se"],
+                  epochs=col["epochs"], compute=compute)
+
+
+def _column(path: Path, rows: list[dict], name: str) -> np.ndarray:
+    try:
+        arr = np.array([float(r[name]) for r in rows])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has a non-numeric value in column {name} ({e}): fix the CSV") from None
+    ok = arr >= 0 if name in ("loss_se", "epochs") else arr > 0
+    require(np.all(np.isfinite(arr)) and np.all(ok), f"{path}: column {name} must hold positive numbers")
+    return arr
 
 
 def _group_by_flops(c: np.ndarray, tol: float = 0.1) -> np.ndarray:
@@ -71,11 +102,14 @@ def _group_by_flops(c: np.ndarray, tol: float = 0.1) -> np.ndarray:
 
 
 def points_from_sweep(sweep_dir: str | Path) -> Points:
+    """Every finished run's final val loss (its standard error, epochs), the exact compute model
+    through the runs' FLOPs per token, and Approach 1's curves: periodic val evals where every run
+    has >= 3, else the smoothed train loss (indicative only)."""
     sweep_dir = Path(sweep_dir)
     listing_path = sweep_dir / "sweep.json"
     require(listing_path.is_file(), f"{sweep_dir} is not a sweep directory (no sweep.json): run `ar-lm sweep` first")
     listing = json.loads(listing_path.read_text())
-    rows, curves, floor = [], [], None
+    rows, val_curves, train_curves, floor = [], [], [], None
     for p in listing["points"]:
         if p["name"].startswith("holdout"):
             continue
@@ -84,19 +118,26 @@ def points_from_sweep(sweep_dir: str | Path) -> Points:
         if not summary or summary.get("val_loss") is None:
             continue
         c = p["coords"]
-        rows.append((c["N"], c["D"], c["C"], summary["val_loss"], c.get("budget", c["C"])))
-        tokens_per_step = summary["tokens"] / max(1, summary["step"])
-        train = [r for r in read_jsonl(run / rundir.METRICS) if r.get("split") == "train"]
-        if len(train) >= 3:
-            steps = np.array([r["step"] for r in train], float)
-            losses = _smooth(np.array([r["loss"] for r in train], float))
-            curves.append((c["N"], c["flops_per_token"] * tokens_per_step * steps, losses))
+        rows.append((c["N"], c["D"], c["C"], summary["val_loss"], c.get("budget", c["C"]), c["flops_per_token"],
+                     summary.get("val_loss_se", np.nan), summary.get("epochs", np.nan)))
+        flops_per_step = c["flops_per_token"] * summary["tokens"] / max(1, summary["step"])
+        records = read_jsonl(run / rundir.METRICS)
+        for split, curves, smooth in (("val", val_curves, False), ("train", train_curves, True)):
+            recs = [r for r in records if r.get("split") == split and r.get("loss") is not None]
+            if len(recs) >= 3:
+                losses = np.array([r["loss"] for r in recs], float)
+                curves.append((c["N"], flops_per_step * np.array([r["step"] for r in recs], float),
+                               _smooth(losses) if smooth else losses))
         if floor is None:
             floor = _data_floor(rundir.load_run_config(run).data.path)
     require(len(rows) >= 2, f"{sweep_dir} has {len(rows)} finished runs: a fit needs at least 2")
     arr = np.array(rows, float)
+    use_val = len(val_curves) == len(rows)
+    column = lambda i: None if np.isnan(arr[:, i]).any() else arr[:, i]  # noqa: E731
     return Points(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], group=_group_by_flops(arr[:, 4], 0.01),
-                  curves=curves, floor=floor)
+                  curves=val_curves if use_val else train_curves, floor=floor, se=column(6), epochs=column(7),
+                  compute=measured(arr[:, 0], arr[:, 5]), n_kind=listing.get("n_kind", "non_embedding"),
+                  curve_source="val" if use_val else "train (smoothed; indicative only)")
 
 
 def _smooth(x: np.ndarray, window: int = 5) -> np.ndarray:

@@ -1,20 +1,25 @@
-"""`ar-lm fit`: fit a sweep directory or a CSV of points, write fit.json and the plots."""
+"""`ar-lm fit`: fit a sweep directory or a CSV of points, write fit.json and the plots, print the
+report; predictions with intervals (`--test`, `--predict`, `--predict-compute`), backtests
+(`--holdout-above`) and compute multipliers (`--compare`)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_json
-from ar_lm.scaling.fit import fit_points, format_report
-from ar_lm.scaling.plots import plot_fit
-from ar_lm.scaling.points import Points, points_from_csv, points_from_sweep
+from ar_lm.scaling.compute import ComputeModel
+from ar_lm.scaling.fit import fit_points
+from ar_lm.scaling.plots import plot_fit, plot_frontiers
+from ar_lm.scaling.points import Points, points_from_csv, points_from_sweep, without_repeated_data
+from ar_lm.scaling.predict import compute_multiplier, parse_nd, predict_compute, predict_rows
 
 
-def write_fit(pts: Points, out: Path, n_boot: int = 100, approaches=(1, 2, 3)) -> dict:
+def write_fit(pts: Points, out: Path, n_boot: int = 100, approaches=(1, 2, 3), full_grid: bool = False) -> dict:
     """Fit `pts`, write OUT/fit.json and the plots; returns the fit."""
-    result = fit_points(pts, n_boot=n_boot, approaches=approaches)
+    result = fit_points(pts, n_boot=n_boot, approaches=approaches, full_grid=full_grid)
     atomic_write_json(Path(out) / "fit.json", result)
     plot_fit(result, Path(out), pts)
     return result
@@ -25,17 +30,126 @@ def fit_sweep_dir(sweep_dir: str | Path, n_boot: int = 100) -> dict:
     return write_fit(points_from_sweep(sweep_dir), Path(sweep_dir) / "fit", n_boot)
 
 
+def _ci(p: dict, k: str) -> str:
+    c = (p.get("ci") or {}).get(k)
+    return f" [{c[0]:.3g}, {c[1]:.3g}]" if c else ""
+
+
+def format_report(result: dict) -> str:
+    lines = [f"[fit] {result['n_points']} points; N = {result['n_kind']} parameters; "
+             f"compute model {result['compute']['kind']} (C = fpt(N) · D)"]
+    for i in (1, 2):
+        p = result.get(f"approach{i}")
+        if p:
+            ok = p.get("bootstrap_ok", [0, 0])
+            note = " (indicative: " + p["source"] + " curves, one horizon per size)" if p.get("indicative") else ""
+            lines.append(f"[fit] approach {i}: N_opt ∝ C^{p['a']:.3f}{_ci(p, 'a')}, D_opt ∝ C^{p['b']:.3f}{_ci(p, 'b')}"
+                         f"; {ok[0]}/{ok[1]} bootstrap replicates{note}")
+    p2 = result.get("approach2") or {}
+    for e in p2.get("excluded", []):
+        lines.append(f"[fit] approach 2 excludes budget C={e['C']:.3g}: {e['reason']}")
+    if p2.get("frontier"):
+        f = p2["frontier"]
+        lines.append(f"[fit] loss frontier: L*(C) = {f['E']:.3f}{_ci(f, 'E')} + {f['A']:.4g} C^-{f['alpha']:.3f}"
+                     f"{_ci(f, 'alpha')}")
+    p3 = result.get("approach3")
+    if p3:
+        lines.append(f"[fit] approach 3: L = {p3['E']:.3f}{_ci(p3, 'E')} + {p3['A']:.4g}/N^{p3['alpha']:.3f}"
+                     f"{_ci(p3, 'alpha')} + {p3['B']:.4g}/D^{p3['beta']:.3f}{_ci(p3, 'beta')}")
+        lines.append(f"[fit] approach 3: {'converged' if p3['converged'] else 'NOT CONVERGED (' + p3['message'] + ')'}"
+                     f"; {p3['converged_starts']}/{p3['n_starts']} starts converged ({p3['starts']}); "
+                     f"{p3['bootstrap_ok'][0]}/{p3['bootstrap_ok'][1]} bootstrap replicates")
+        spread = p3.get("spread_of_best") or {}
+        if spread.get("alpha") is not None:
+            lines.append("[fit] approach 3: spread of the best converged optima: " +
+                         ", ".join(f"{k} {spread[k]:.2g}" for k in ("E", "alpha", "beta")))
+        if p3.get("a") is not None:
+            loc = p3.get("local") or {}
+            lines.append(f"[fit] approach 3: N_opt ∝ C^{p3['a']:.3f}{_ci(p3, 'a')}, D_opt ∝ C^{p3['b']:.3f}{_ci(p3, 'b')}"
+                         f" asymptotically; locally at C={p3['C_ref']:.3g}: C^{loc.get('a', float('nan')):.3f}, "
+                         f"C^{loc.get('b', float('nan')):.3f}")
+        if p3.get("floor") is not None:
+            verdict = "above" if p3["E_minus_floor"] >= 0 else "BELOW"
+            lines.append(f"[fit] entropy-rate floor {p3['floor']:.4f} nats: E is {verdict} it by {p3['E_minus_floor']:+.4f}")
+    return "\n".join(lines)
+
+
+def _iv(iv: Optional[list], fmt: str) -> str:
+    """' [lo, hi]', or ' [no interval: --bootstrap >= 10]'."""
+    return f" [{iv[0]:{fmt}}, {iv[1]:{fmt}}]" if iv else " [no interval: --bootstrap >= 10]"
+
+
+def format_predictions(rows: list[dict]) -> str:
+    head = f"{'N':>12} {'D':>14} {'C':>10} {'loss':>8} {'predicted':>9} {'95% interval':>17} {'error':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        loss = f"{r['loss']:8.4f}" if r.get("loss") else f"{'-':>8}"
+        err = f"{100 * r['relative_error']:+6.2f}%" if r.get("relative_error") is not None else f"{'-':>7}"
+        lo, hi = r["interval"]
+        lines.append(f"{r['N']:>12,.0f} {r['D']:>14,.0f} {r['C']:>10.3g} {loss} {r['predicted_loss']:>9.4f} "
+                     f"[{lo:.4f}, {hi:.4f}] {err}")
+    return "\n".join(lines)
+
+
+def _rows(pts: Points) -> list[dict]:
+    return [{"N": float(n), "D": float(d), "C": float(c), "loss": float(l)} for n, d, c, l in zip(pts.N, pts.D, pts.C, pts.L)]
+
+
+def _load(source: str, flops_model: str) -> Points:
+    return points_from_sweep(source) if (Path(source) / "sweep.json").is_file() else points_from_csv(source, flops_model)
+
+
+def _compare(args, out: Path) -> int:
+    a, b = (fit_points(_load(s, args.flops_model), n_boot=args.bootstrap, approaches=(2,)) for s in args.compare)
+    result = compute_multiplier(a, b)
+    atomic_write_json(out / "compare.json", result)
+    plot_frontiers({"A": (a["approach2"]["frontier"], a["approach2"]["minima"]),
+                    "B": (b["approach2"]["frontier"], b["approach2"]["minima"])}, out / "compare.png")
+    ci = result["interval"]
+    print(f"[fit] B reaches at C={result['C']:.3g} the loss A reaches with {result['multiplier']:.3g}x the compute"
+          + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""))
+    return 0
+
+
 def fit_command(args) -> int:
-    """`ar-lm fit SWEEP_DIR | --points CSV [--out DIR] [--bootstrap N] [--approach K ...]`."""
-    require(bool(args.sweep_dir) != bool(args.points), "give either a SWEEP_DIR or --points CSV")
+    """`ar-lm fit SWEEP_DIR | --points CSV | --compare A B [options]` (see the parser's help)."""
     require(args.bootstrap >= 0, f"--bootstrap must be >= 0, got {args.bootstrap}")
-    pts = points_from_sweep(args.sweep_dir) if args.sweep_dir else points_from_csv(args.points)
+    if args.compare:
+        require(not (args.sweep_dir or args.points), "--compare takes its two inputs itself: drop SWEEP_DIR/--points")
+        return _compare(args, Path(args.out or "compare"))
+    require(bool(args.sweep_dir) != bool(args.points), "give either a SWEEP_DIR or --points CSV")
+    pts = points_from_sweep(args.sweep_dir) if args.sweep_dir else points_from_csv(args.points, args.flops_model)
+    test = _rows(points_from_csv(args.test, args.flops_model)) if args.test else []
+    nd = [parse_nd(x) for x in args.predict or []]
+    require(all(c > 0 for c in args.predict_compute or []), "--predict-compute needs positive FLOPs")
+    if args.exclude_repeated:
+        pts = without_repeated_data(pts)
+    if args.holdout_above is not None:
+        above = pts.C > args.holdout_above
+        require(above.any() and (~above).sum() >= 5, f"--holdout-above {args.holdout_above:g} must leave >= 5 points "
+                "below and some above")
+        test = _rows(pts.subset(above)) + test
+        pts = pts.subset(~above)
     approaches = tuple(args.approach or (1, 2, 3))
     if 3 in approaches and len(pts.N) < 5:
-        require(not args.approach, f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
+        require(not args.approach and not (test or nd or args.predict_compute),
+                f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
         approaches = tuple(a for a in approaches if a != 3)
     out = Path(args.out or (Path(args.sweep_dir) / "fit" if args.sweep_dir else Path(args.points).with_suffix("")))
-    result = write_fit(pts, out, args.bootstrap, approaches)
+    result = fit_points(pts, n_boot=args.bootstrap, approaches=approaches, full_grid=args.full_grid)
     print(format_report(result))
+    if test:
+        result["test"] = predict_rows(result, test)
+        print(format_predictions(result["test"]))
+    if nd:
+        compute = ComputeModel.from_json(result["compute"])
+        rows = [{"N": n, "D": d, "C": float(compute.fpt(n) * d)} for n, d in nd]
+        print(format_predictions(predict_rows(result, rows)))
+    for c in args.predict_compute or []:
+        p = predict_compute(result, c)
+        print(f"[predict] C={c:.3g}: N_opt={p['N_opt']:,.0f}{_iv(p['N_interval'], '.3g')}, D_opt={p['D_opt']:,.0f}"
+              f"{_iv(p['D_interval'], '.3g')}, loss {p['predicted_loss']:.4f}{_iv(p['interval'], '.4f')}")
+    atomic_write_json(out / "fit.json", result)
+    plot_fit(result, out, pts)
     print(f"[fit] wrote {out / 'fit.json'} and plots", file=sys.stderr)
     return 0

@@ -1,10 +1,11 @@
 """`ar-lm sweep`: run every point of an experiment's sweep, resumably, then fit and check.
 
-    SWEEP_DIR/sweep.json         the points (name, coordinates, config file)
+    SWEEP_DIR/sweep.json         n_kind (which N the fits use) and the points (name, coordinates, config file)
     SWEEP_DIR/points/<name>.json each point's resolved config
     SWEEP_DIR/runs/<name>/       each point's run directory
     SWEEP_DIR/status.json        per point: done | failed (with the error) | pending
-    SWEEP_DIR/summary.csv        N, D, C, final val loss, perplexity, bits per byte, wall time, MFU
+    SWEEP_DIR/summary.csv        N, D, C, final val loss (and its standard error), perplexity, bits per byte,
+                                 epochs of the train split, wall time, MFU
     SWEEP_DIR/fit/               fit.json and plots (`ar-lm fit`), holdout.json
 
 Each run is its own process (`python -m ar_lm train POINT.json --run-dir ...`), so one failing run
@@ -36,7 +37,8 @@ from ar_lm.scaling.holdout import fit_and_check
 from ar_lm.scaling.sweeps import DataSpec, Sweep, SweepPoint
 from ar_lm.training import rundir
 
-SUMMARY_FIELDS = ("name", "status", "N", "D", "C", "val_loss", "val_perplexity", "val_bits_per_byte", "wall_time_s", "mfu")
+SUMMARY_FIELDS = ("name", "status", "N", "D", "C", "val_loss", "val_loss_se", "val_perplexity", "val_bits_per_byte",
+                  "epochs", "wall_time_s", "mfu")
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -105,7 +107,8 @@ class SweepRunner:
         for p in points:
             save_json(_point_config(p, self.sweep, self.data_dir), self.config_path(p.name))
             by_name[p.name] = {"name": p.name, "coords": p.coords, "config": str(self.config_path(p.name))}
-        atomic_write_json(self.dir / "sweep.json", {"name": self.sweep.name, "points": list(by_name.values())})
+        atomic_write_json(self.dir / "sweep.json",
+                          {"name": self.sweep.name, "n_kind": self.sweep.n_kind, "points": list(by_name.values())})
 
     def is_done(self, name: str) -> bool:
         """Finished, with the config the sweep asks for now (a point whose function changed since it ran is
@@ -189,15 +192,25 @@ def _last_error(log_path: Path) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "")[:500]
 
 
+def warn_repeats(rows: list[dict]) -> list[str]:
+    """One stderr line per point that trained on more than one epoch of its train split (returned too)."""
+    lines = [f"[sweep] warning: {r['name']} repeats its train split ({r['epochs']:.2f} epochs)"
+             for r in rows if r.get("epochs") is not None and r["epochs"] > 1]
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'name':<10} {'status':<8} {'N':>10} {'D':>12} {'C':>10} {'val loss':>9} {'ppl':>8} {'bpb':>7} {'time s':>7} {'MFU':>6}"
+    head = (f"{'name':<10} {'status':<8} {'N':>10} {'D':>12} {'C':>10} {'val loss':>9} {'ppl':>8} {'bpb':>7} "
+            f"{'epochs':>7} {'time s':>7} {'MFU':>6}")
     out = [head, "-" * len(head)]
     fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
     for r in rows:
         out.append(
             f"{r['name']:<10} {r['status']:<8} {r['N']:>10,} {r['D']:>12,} {r['C']:>10.3g} {fmt(r['val_loss'], '{:>9.4f}'):>9} "
             f"{fmt(r['val_perplexity'], '{:>8.3f}'):>8} {fmt(r['val_bits_per_byte'], '{:>7.4f}'):>7} "
-            f"{fmt(r['wall_time_s'], '{:>7.1f}'):>7} {fmt(r['mfu'] and 100 * r['mfu'], '{:>5.1f}%'):>6}"
+            f"{fmt(r['epochs'], '{:>7.2f}'):>7} {fmt(r['wall_time_s'], '{:>7.1f}'):>7} {fmt(r['mfu'] and 100 * r['mfu'], '{:>5.1f}%'):>6}"
         )
     return "\n".join(out)
 
@@ -228,6 +241,7 @@ def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Option
         result = runner.run(points)
         rows = runner.write_summary(sweep.points)
         print(format_table(rows))
+        warn_repeats(rows)
         print(f"[sweep] summary written to {out / 'summary.csv'} ({time.time() - t0:.0f} s)", file=sys.stderr)
         if fit and not only:
             fit_and_check(sweep, runner, out)

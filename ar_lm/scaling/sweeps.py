@@ -100,18 +100,23 @@ def _pick_sizes(models: list[ModelConfig], targets: list[float], n_kind: str) ->
     return [models[i] for i in idx]
 
 
-def with_budget(cfg: ExperimentConfig, model: ModelConfig, tokens: int) -> ExperimentConfig:
-    """`cfg` with `model` and a token budget (steps = tokens / (batch * seq_len), at least 1)."""
+def with_budget(cfg: ExperimentConfig, model: ModelConfig, tokens: int, evals_per_run: int = 0) -> ExperimentConfig:
+    """`cfg` with `model` and a token budget (steps = tokens / (batch * seq_len), at least 1);
+    `evals_per_run` > 0 evaluates every steps // evals_per_run steps (Approach 1's validation curves)."""
     model = dataclasses.replace(model, max_seq_len=max(model.max_seq_len, cfg.data.seq_len))
     steps = max(1, round(tokens / (cfg.data.batch_size * cfg.data.seq_len)))
-    train = dataclasses.replace(cfg.train, steps=steps, tokens=0)
+    eval_every = max(1, steps // evals_per_run) if evals_per_run > 0 else cfg.train.eval_every
+    train = dataclasses.replace(cfg.train, steps=steps, tokens=0, eval_every=eval_every)
     return dataclasses.replace(cfg, model=model, train=train)
 
 
 def _coords(cfg: ExperimentConfig, n_kind: str, **extra) -> dict:
+    """N (the `n_kind` count, what the fits use), both counts, D = steps * batch * seq_len, C = D * FLOPs/token."""
     tokens = cfg.total_steps * cfg.data.batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    return {"N": count_params(cfg.model, n_kind), "D": tokens, "C": fpt * tokens, "flops_per_token": fpt,
+    counts = param_counts(cfg.model)
+    return {"N": count_params(cfg.model, n_kind), "n_kind": n_kind, "N_total": counts["total"],
+            "N_non_embedding": counts["non_embedding"], "D": tokens, "C": fpt * tokens, "flops_per_token": fpt,
             "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model, **extra}
 
 
@@ -130,10 +135,11 @@ def grid_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[
 
 def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_budget: int = 4, spread: float = 3.0,
                   center_tokens_per_param: float = 20.0, rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding",
-                  min_steps: int = 20) -> list[SweepPoint]:
+                  min_steps: int = 20, evals_per_run: int = 0) -> list[SweepPoint]:
     """For each compute budget C, `sizes_per_budget` model sizes spaced log-evenly over a factor of
     `spread` on each side of the D = 20 N guess (N* = sqrt(C / (6 * 20))), with
-    D = C / flops_per_token(N) so every point spends C (up to rounding of the step count)."""
+    D = C / flops_per_token(N) so every point spends C (up to rounding of the step count);
+    `evals_per_run` periodic evals per run (see `with_budget`)."""
     require(budgets, "an IsoFLOP sweep needs at least one budget")
     require(base.model.vocab_size > 0, "set model.vocab_size to the tokenizer's vocabulary (e.g. 257 for byte) so FLOPs are exact")
     require(sizes_per_budget >= 1, "sizes_per_budget must be >= 1")
@@ -152,7 +158,7 @@ def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_bu
                     f"budget {budget:.3g} FLOPs is too small for a {count_params(model, n_kind):,}-parameter model "
                     f"({tokens / tokens_per_step:.1f} steps < {min_steps}): raise the budget or shrink the models"
                 )
-            cfg = with_budget(base, model, int(tokens))
+            cfg = with_budget(base, model, int(tokens), evals_per_run)
             name = f"c{b}_n{k}"
             points.append(SweepPoint(name, dataclasses.replace(cfg, name=name),
                                      _coords(cfg, n_kind, budget=float(budget), budget_index=b, size_index=k)))

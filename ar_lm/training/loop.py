@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ar_lm.config import ExperimentConfig, to_dict, validate
 from ar_lm.data.dataset import TokenDataset
-from ar_lm.data.pipeline import TrainIterator, eval_batches, train_dataset
+from ar_lm.data.pipeline import TrainIterator, eval_batches, split_windows, train_dataset
 from ar_lm.errors import NonFiniteError, UserError, require
 from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.model.transformer import relayout_layers
@@ -109,7 +109,8 @@ def _pipelines(cfg: ExperimentConfig, dataset: TokenDataset):
     """This process's train batches and val batches (both splits are checked here)."""
     pidx, pcount = jax.process_index(), jax.process_count()
     train_ds = train_dataset(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.data.shuffle_seed, pidx, pcount)
-    val = eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches, "val", pidx, pcount)
+    val = eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_tokens, cfg.train.seed, "val",
+                       pidx, pcount)  # the same windows at every evaluation
     return train_ds, val
 
 
@@ -147,6 +148,7 @@ class _Run:
     token_bytes: Any
     flops_per_token: float
     peak_flops: float  # all devices together
+    train_split_tokens: int  # target tokens in the train split's windows (one epoch)
 
     @property
     def tokens_per_step(self) -> int:
@@ -198,6 +200,7 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds
         make_eval_step(cfg, shardings["params"], batch_sharding), val,
         jnp.asarray(dataset.token_bytes()), flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops_per_device(cfg.logging.peak_flops) * jax.device_count(),
+        split_windows(dataset, "train", cfg.data.seq_len) * cfg.data.seq_len,
     )
 
 
@@ -319,6 +322,7 @@ def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, fi
         "non_embedding_params": counts["non_embedding"],
         "flops_per_token": fpt,
         "tokens": final_step * tokens_per_step,
+        "epochs": final_step * tokens_per_step / run.train_split_tokens,  # tokens / train split tokens
         "flops": fpt * final_step * tokens_per_step,
         "wall_time_s": time.time() - t_start,
         "time_to_first_step_s": first_step_time,
