@@ -11,7 +11,7 @@ import sys
 
 from ar_lm.errors import EXIT_FAILURE, EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError
 
-COMPILING = ("train", "eval", "generate")  # commands that keep JAX's persistent compilation cache
+COMPILING = ("train", "cooldown", "eval", "generate")  # commands that keep JAX's persistent compilation cache
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +51,15 @@ def _train(p) -> None:
     p.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for all processes to join")
 
 
+def _cooldown(p) -> None:
+    p.add_argument("trunk_dir", help="a constant or wsd run with checkpoints at the branch points")
+    p.add_argument("--at-tokens", type=int, required=True, help="the branch's total token budget D")
+    p.add_argument("--run-dir", required=True, help="the branch's run directory (new, or the branch to resume)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--cooldown-frac", type=float, help="cooldown length as a fraction of D (default: the trunk's)")
+    group.add_argument("--cooldown-steps", type=int, help="cooldown length in steps")
+
+
 def _eval(p) -> None:
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset directory (default: the run's own)")
@@ -82,6 +91,12 @@ def _fit(p) -> None:
     p.add_argument("--predict-compute", nargs="+", type=float, metavar="C", help="compute-optimal N, D, loss at C")
     p.add_argument("--holdout-above", type=float, metavar="C", help="backtest: fit below C, predict the rest")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compute multiplier of B over A (sweeps or CSVs)")
+
+
+def _fit_lr(p) -> None:
+    p.add_argument("sweep_dir", help="a sweep directory of an lr_sweep")
+    p.add_argument("--out", help="the fitted rule (default: SWEEP_DIR/lr_fit.json; HParamRule.from_fit loads it)")
+    p.add_argument("--bootstrap", type=int, default=200, help="parametric bootstrap replicates")
 
 
 def _compare(p) -> None:
@@ -147,10 +162,14 @@ def _export_hf(p) -> None:
 COMMANDS = {
     "prepare": ("tokenize a text source into a dataset directory", _prepare, "ar_lm.data.prepare", "prepare_command"),
     "train": ("train (or resume) an experiment", _train, "ar_lm.training.command", "train_command"),
+    "cooldown": ("branch a WSD cooldown for budget D from a constant-lr trunk's checkpoint", _cooldown,
+                 "ar_lm.training.command", "cooldown_command"),
     "eval": ("evaluate a run's latest checkpoint; prints JSON", _eval, "ar_lm.training.evaluate", "eval_command"),
     "sweep": ("run an experiment's sweep (resumable), then fit and plot", _sweep, "ar_lm.scaling.runner",
               "sweep_command"),
     "fit": ("fit scaling laws to a sweep directory or a CSV of points", _fit, "ar_lm.scaling.report", "fit_command"),
+    "fit-lr": ("fit per-size optimal learning rates of an lr sweep and the rule lr*(N)", _fit_lr,
+               "ar_lm.scaling.hparams", "fit_lr_command"),
     "compare": ("table and plot of val perplexity / bits per byte across runs", _compare, "ar_lm.scaling.compare",
                 "compare_command"),
     "launch": ("run an ar-lm command on a TPU pod, a Slurm cluster or N local processes", _launch,

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ar_lm.coerce import coerce
 from ar_lm.errors import UserError, require
 
 EVAL_TOKENS_CAP = 1_048_576  # what train.eval_tokens=0 reads at most (a random subset spread over larger splits)
@@ -48,6 +49,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "auto"  # auto | none | full | dots (save matmul outputs); auto: dots on CPU with scan, else none
     attention: str = "auto"  # auto | xla (hand-written masked softmax) | dot_product (jax.nn)
+    parametrization: str = "sp"  # sp | mup (Yang et al. 2022; see ar_lm.model.mup)
+    mup_base_width: int = 0  # mup: d_model of the base shape (where mup equals sp)
+    mup_base_head_dim: int = 0  # mup: head dim of the base shape (0: this model's; attention keeps 1/sqrt(dh))
 
     @property
     def kv_heads(self) -> int:
@@ -77,12 +81,18 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW, linear warmup then cosine decay to `final_lr_frac * lr` at the last step."""
+    """AdamW; the learning rate: linear warmup, then `schedule` (formulas in `ar_lm.training.optimizer`)
+    to `final_lr_frac * lr` at the last step (`constant` stays at lr)."""
 
     lr: float = 1e-3
-    warmup_steps: int = 0  # 0 -> warmup_frac of the run
+    schedule: str = "cosine"  # cosine | wsd | constant | linear
+    warmup_steps: int = 0  # 0 -> warmup_tokens, else warmup_frac of the run
+    warmup_tokens: int = 0  # warmup = warmup_tokens / (batch_size * seq_len) steps (e.g. N tokens, Porian et al.)
     warmup_frac: float = 0.05
     final_lr_frac: float = 0.1
+    cooldown_steps: int = 0  # wsd: the cooldown's length; 0 -> cooldown_frac of the run
+    cooldown_frac: float = 0.2
+    cooldown_shape: str = "linear"  # wsd: linear | 1-sqrt | cosine
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -103,6 +113,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50  # 0 -> only at the end
     keep_checkpoints: int = 2
+    checkpoint_at_tokens: tuple[int, ...] = ()  # also checkpoint at these token counts, and keep them (branch points)
+    branch_of: str = ""  # lineage of a cooldown branch (`ar-lm cooldown`): the parent run directory
+    branch_step: int = 0  # and the parent's step it started from
     async_checkpoint: bool = True
     nonfinite_policy: str = "stop"  # stop | skip
     max_skips: int = 3  # consecutive non-finite steps tolerated under `skip`
@@ -151,9 +164,13 @@ class ExperimentConfig:
     logging: LoggingConfig = LoggingConfig()
 
     @property
+    def tokens_per_step(self) -> int:
+        return self.data.batch_size * self.data.seq_len
+
+    @property
     def total_steps(self) -> int:
         if self.train.tokens:
-            return max(1, self.train.tokens // (self.data.batch_size * self.data.seq_len))
+            return max(1, self.train.tokens // self.tokens_per_step)
         return self.train.steps
 
 
@@ -179,21 +196,26 @@ FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **{k: _POSITIVE for k in ("model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len",
                               "model.rope_theta", "model.norm_eps", "model.init_std", "data.seq_len",
                               "data.batch_size", "optim.lr", "optim.eps")},
-    **{k: _NON_NEGATIVE for k in ("data.shuffle_seed", "data.prefetch", "optim.warmup_steps", "optim.weight_decay",
+    **{k: _NON_NEGATIVE for k in ("data.shuffle_seed", "data.prefetch", "optim.warmup_steps", "optim.warmup_tokens",
+                                  "train.branch_step",
+                                  "optim.cooldown_steps", "optim.weight_decay",
                                   "optim.z_loss", "train.steps", "train.tokens", "train.seed", "train.max_skips")},
     **{k: _AT_LEAST_ONE for k in ("optim.grad_accum", "train.log_every", "mesh.dcn_data", "mesh.dcn_fsdp",
                                   "mesh.dcn_tensor")},
     **{k: ("positive or -1 (the remaining devices)", lambda x: x >= 1 or x == -1)
        for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")},
     "model.vocab_size": _zero_means("the dataset's"), "model.n_kv_heads": _zero_means("n_heads"),
-    "model.d_ff": _zero_means("the family's"), "optim.clip_norm": _zero_means("off"),
+    "model.d_ff": _zero_means("the family's"), "model.mup_base_width": _zero_means("no base shape"),
+    "model.mup_base_head_dim": _zero_means("this model's head dim"), "optim.clip_norm": _zero_means("off"),
     **{k: _zero_means("at the end only") for k in ("train.eval_every", "train.checkpoint_every")},
     "train.eval_tokens": _zero_means(f"the whole split, up to EVAL_TOKENS_CAP={EVAL_TOKENS_CAP:,}"),
     **{k: _zero_means("all") for k in ("train.keep_checkpoints", "mesh.devices")},
     "mesh.cpu_devices": _zero_means("auto"), "logging.peak_flops": _zero_means("known or measured"),
     "optim.warmup_frac": _range(0, 1, True), "optim.final_lr_frac": _range(0, 1, False),
+    "optim.cooldown_frac": ("in (0, 1]", lambda x: 0 < x <= 1),
     "optim.b1": _range(0, 1, True), "optim.b2": _range(0, 1, True),
     "train.debug_nan_steps": ("a list of steps >= 1", lambda steps: all(s >= 1 for s in steps)),
+    "train.checkpoint_at_tokens": ("a list of token counts >= 1", lambda tokens: all(t >= 1 for t in tokens)),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("gpt2", "llama"),
@@ -201,7 +223,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.remat": ("auto", "none", "full", "dots"),
     "model.attention": ("auto", "xla", "dot_product"),
+    "model.parametrization": ("sp", "mup"),
     "train.nonfinite_policy": ("stop", "skip"),
+    "optim.schedule": ("cosine", "wsd", "constant", "linear"),
+    "optim.cooldown_shape": ("linear", "1-sqrt", "cosine"),
 }  # mesh.rules and mesh.rule_overrides are checked against the rule table (`ar_lm.parallel.mesh.logical_rules`)
 
 
@@ -224,6 +249,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick sizes that divide")
     require(m.n_heads % m.kv_heads == 0,
             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads}: use a divisor of n_heads")
+    require(m.parametrization != "mup" or m.mup_base_width > 0,
+            "model.parametrization=mup needs a base shape: set model.mup_base_width to the d_model the "
+            "hyperparameters were tuned at")
     require(m.family == "gpt2" or m.head_dim % 2 == 0, f"llama needs an even head_dim (RoPE), got {m.head_dim}")
     require(d.seq_len <= m.max_seq_len,
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len")
@@ -256,7 +284,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             require(isinstance(value, dict), f"{prefix}{key} must be a section (mapping), got {value!r}")
             kwargs[key] = from_dict(hint, value, prefix=f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, hint, prefix + key)
+            kwargs[key] = coerce(value, hint, prefix + key)
     return cls(**kwargs)
 
 
@@ -277,52 +305,6 @@ def _unknown_key_message(key: str, valid: list[str]) -> str:
     return f"unknown config key {key!r}: {hint}"
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert `value` (from JSON or a command-line string) to type `hint`, or raise UserError."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or value == "None":
-            return None
-        return _coerce(value, args[0], key)
-    if origin is tuple:
-        (elem, *_) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        require(isinstance(value, (list, tuple)), f"{key} must be a list, got {value!r}")
-        return tuple(_coerce(v, elem, key) for v in value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise UserError(f"{key} expects true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise UserError(f"{key} expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                number = None
-            if number is not None and number.is_integer():
-                return int(number)
-        raise UserError(f"{key} expects an integer, got {value!r}")
-    if hint is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{key} expects a number, got {value!r}") from None
-    if hint is str:
-        require(isinstance(value, str), f"{key} expects a string, got {value!r}")
-        return value
-    raise UserError(f"{key} has unsupported type {hint}")  # pragma: no cover - config definition bug
-
-
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Apply ``section.field=value`` strings to `cfg` (type-checked) and validate the result."""
     for item in overrides:
@@ -334,12 +316,12 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
         if key not in valid:
             raise UserError(_unknown_key_message(key, valid))
         if len(parts) == 1:
-            cfg = dataclasses.replace(cfg, **{key: _coerce(raw, typing.get_type_hints(type(cfg))[key], key)})
+            cfg = dataclasses.replace(cfg, **{key: coerce(raw, typing.get_type_hints(type(cfg))[key], key)})
             continue
         section_name, field = parts
         section = getattr(cfg, section_name)
         hint = typing.get_type_hints(type(section))[field]
-        section = dataclasses.replace(section, **{field: _coerce(raw, hint, key)})
+        section = dataclasses.replace(section, **{field: coerce(raw, hint, key)})
         cfg = dataclasses.replace(cfg, **{section_name: section})
     return cfg
 

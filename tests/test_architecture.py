@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "ar_lm"
 
-BASE = ("ar_lm.config", "ar_lm.errors", "ar_lm.io")
+BASE = ("ar_lm.config", "ar_lm.coerce", "ar_lm.errors", "ar_lm.io")
 LAYERS = {  # component -> layer; a component imports only its own modules and lower layers
     "base": 0,
     "ar_lm.model": 1,

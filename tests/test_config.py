@@ -54,7 +54,7 @@ def test_validation(changes, fragment):
         C.validate(cfg)
 
 
-FREE_TEXT = {"name", "data.path", "logging.project", "logging.group", "logging.tags", "logging.coords",
+FREE_TEXT = {"name", "data.path", "train.branch_of", "logging.project", "logging.group", "logging.tags", "logging.coords",
              "mesh.rules", "mesh.rule_overrides"}  # the last two: checked against the rule table (test_cli)
 
 

@@ -35,6 +35,15 @@ def test_split_is_deterministic_and_order_independent(corpus_dir):
     assert a["val"] and a["train"]
 
 
+def test_a_corpus_splits_the_same_wherever_it_lies(tmp_path, corpus_dir):
+    import shutil
+
+    copy = shutil.copytree(corpus_dir, tmp_path / "elsewhere" / "corpus")
+    here, there = (split_documents(file_documents([str(d)]), 0.2) for d in (corpus_dir, copy))
+    assert [d.name for d in here["val"]] == [d.name for d in there["val"]] and here["val"]
+    assert here["val"][0].name.startswith("doc_")  # named relative to the inputs' common directory
+
+
 def test_stdlib_source_is_real_python():
     docs = stdlib_documents(200_000)
     names = [d.name for d in docs]

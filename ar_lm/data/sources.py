@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -72,22 +73,25 @@ def _expand(patterns: Sequence[str]) -> list[Path]:
 
 def file_documents(patterns: Sequence[str], max_bytes: int = 0) -> list[Document]:
     """Documents from text files (one document each), .jsonl (the "text" field of each line)
-    and .parquet (the "text" column)."""
+    and .parquet (the "text" column). A document is named by its path relative to the inputs'
+    common directory (plus the line or row), so a corpus splits the same wherever it lies."""
     require(patterns, "--source files needs --files PATH [PATH ...]")
     docs, total, paths = [], 0, _expand(patterns)
+    root = Path(os.path.commonpath([str(p.absolute().parent) for p in paths])) if paths else Path(".")
     for i, path in enumerate(paths):
         start = len(docs)
         suffix = path.suffix.lower()
+        name = path.absolute().relative_to(root).as_posix()
         if suffix == ".jsonl":
-            docs += _jsonl_documents(path)
+            docs += _jsonl_documents(path, name)
         elif suffix == ".parquet":
-            docs += _parquet_documents(path)
+            docs += _parquet_documents(path, name)
         else:
             raw = path.read_bytes()
             if b"\x00" in raw[:8192]:
                 raise UserError(f"input file {path} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
             try:
-                docs.append(Document(str(path), raw.decode("utf-8")))
+                docs.append(Document(name, raw.decode("utf-8")))
             except UnicodeDecodeError as e:
                 raise UserError(f"input file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
         total += sum(len(d.text.encode("utf-8")) for d in docs[start:])
@@ -100,7 +104,7 @@ def file_documents(patterns: Sequence[str], max_bytes: int = 0) -> list[Document
     return docs
 
 
-def _jsonl_documents(path: Path) -> list[Document]:
+def _jsonl_documents(path: Path, name: str) -> list[Document]:
     docs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -114,17 +118,17 @@ def _jsonl_documents(path: Path) -> list[Document]:
                 isinstance(record, dict) and isinstance(record.get("text"), str),
                 f"{path}:{lineno} has no string field 'text'",
             )
-            docs.append(Document(f"{path}:{lineno}", record["text"]))
+            docs.append(Document(f"{name}:{lineno}", record["text"]))
     return docs
 
 
-def _parquet_documents(path: Path) -> list[Document]:
+def _parquet_documents(path: Path, name: str) -> list[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading {path} needs pyarrow: pip install pyarrow") from None
     table = pq.read_table(path, columns=["text"])
-    return [Document(f"{path}:{i}", t) for i, t in enumerate(table.column("text").to_pylist()) if t]
+    return [Document(f"{name}:{i}", t) for i, t in enumerate(table.column("text").to_pylist()) if t]
 
 
 def split_of(doc: Document, val_fraction: float) -> str:

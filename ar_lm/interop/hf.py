@@ -30,7 +30,7 @@ from ar_lm.io import atomic_write_json, sha256_file
 from ar_lm.parallel.mesh import logical_rules, make_mesh, mesh_context
 from ar_lm.training import rundir
 from ar_lm.training.checkpoint import Checkpointer, restore_latest_params
-from ar_lm.training.optimizer import make_optimizer
+from ar_lm.training.optimizer import run_optimizer
 from ar_lm.training.state import state_from_params, state_shardings
 
 TOKENIZER_DIR = "ar_lm_tokenizer"  # an exported run's ar_lm tokenizer (byte, char or sentencepiece)
@@ -107,7 +107,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
     tok_meta, tok_file, tok_note = find_tokenizer(hf_dir, model.vocab_size, hf.get("bos_token_id"))
 
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
-    tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
+    tx, _ = run_optimizer(cfg)
     shardings = state_shardings(cfg, tx, mesh, rules)
 
     with mesh_context(mesh, rules):

@@ -62,6 +62,9 @@ def check_exportable(m: ModelConfig) -> None:
     """UserError naming the first option that has no GPT-2 / Llama equivalent in transformers."""
     arch = ARCH_OF_FAMILY[m.family]
     require(not m.qk_norm, f"model.qk_norm=true has no {arch} equivalent in transformers: this run cannot be exported")
+    require(m.parametrization == "sp" or m.d_model == m.mup_base_width,
+            f"model.parametrization=mup at width {m.d_model} (base {m.mup_base_width}) scales its logits and scores, "
+            f"which {arch} in transformers cannot: this run cannot be exported")
     require(m.family == "llama" or m.kv_heads == m.n_heads,
             f"model.n_kv_heads={m.n_kv_heads} (grouped-query attention) has no {arch} equivalent: this run cannot be exported")
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ar_lm.config import ModelConfig
 from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
 from ar_lm.model.layers import RMSNorm, param, rope
+from ar_lm.model.mup import hidden_init_std, query_multiplier
 
 Array = jax.Array
 
@@ -143,8 +144,8 @@ class Attention(nn.Module):
         dtype = resolve_compute_dtype(cfg)
         pdt = jnp.dtype(cfg.param_dtype)
         d, h, kh, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        init = nn.initializers.normal(cfg.init_std)
-        out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std))
+        out_init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std / (2 * cfg.n_layers) ** 0.5))
         bias = cfg.family == "gpt2"
 
         def project(name, n, axes):
@@ -164,6 +165,8 @@ class Attention(nn.Module):
         if cfg.family == "llama":
             q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
             k_BxLxKxDh = rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
+        if query_multiplier(cfg) != 1.0:  # muP's sqrt(base_dh)/dh score scale
+            q_BxLxHxDh = q_BxLxHxDh * query_multiplier(cfg)
         q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ("batch", "length", "heads", "head_dim"))
 
         out_BxLxHxDh, new_cache = attend(cfg, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
 from ar_lm.model.backend import resolve_compute_dtype
+from ar_lm.model.mup import hidden_init_std
 
 Array = jax.Array
 
@@ -85,8 +86,8 @@ class Mlp(nn.Module):
         dtype = resolve_compute_dtype(cfg)
         pdt = jnp.dtype(cfg.param_dtype)
         d, f = cfg.d_model, cfg.ff_dim
-        init = nn.initializers.normal(cfg.init_std)
-        out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std))
+        out_init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std / (2 * cfg.n_layers) ** 0.5))
 
         def dense(name, shape, axes, kernel_init, x):
             w = param(self, f"{name}_kernel", kernel_init, shape, axes, pdt)

@@ -17,6 +17,7 @@ from ar_lm.config import ModelConfig
 from ar_lm.model.attention import Attention
 from ar_lm.model.backend import resolve_compute_dtype, resolve_remat
 from ar_lm.model.layers import Mlp, make_norm, param
+from ar_lm.model.mup import output_multiplier
 
 Array = jax.Array
 Cache = dict  # {"k": [n_layers, B, K, S, Dh], "v": [n_layers, B, K, S, Dh]}
@@ -126,6 +127,8 @@ class Transformer(nn.Module):
                 ("embed", "vocab"), pdt,
             )
             logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dtype))
+        if output_multiplier(cfg) != 1.0:  # muP: logits scaled by base_width / width
+            logits_BxLxV = logits_BxLxV * output_multiplier(cfg)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits_BxLxV

@@ -38,7 +38,8 @@ def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float)
     """Run `holdout{index}` at `budget` with the ladder shape nearest the fitted N_opt (no clamp to
     the sweep's sizes) and compare its final val loss with the law's prediction and 95% interval."""
     optimal = predict_compute(result, budget)
-    point = compute_optimal_point(sweep.base, budget, optimal["N_opt"], f"holdout{index}", sweep.rule, sweep.n_kind)
+    point = compute_optimal_point(sweep.base, budget, optimal["N_opt"], f"holdout{index}", sweep.rule, sweep.n_kind,
+                                  sweep.hparams)
     runner.write_points([point])
     runner.run([point])
     measured = (rundir.read_summary(runner.run_dir(point.name)) or {}).get("val_loss")

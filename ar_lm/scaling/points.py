@@ -111,7 +111,7 @@ def points_from_sweep(sweep_dir: str | Path) -> Points:
     listing = json.loads(listing_path.read_text())
     rows, val_curves, train_curves, floor = [], [], [], None
     for p in listing["points"]:
-        if p["name"].startswith("holdout"):
+        if p["name"].startswith("holdout") or p["coords"].get("role") == "trunk":  # a trunk is no budget's run
             continue
         run = sweep_dir / "runs" / p["name"]
         summary = rundir.read_summary(run)

@@ -34,7 +34,7 @@ from ar_lm.errors import require
 from ar_lm.io import atomic_write_json, atomic_write_text
 from ar_lm.parallel.launch import sweep_commands
 from ar_lm.scaling.holdout import fit_and_check
-from ar_lm.scaling.sweeps import DataSpec, Sweep, SweepPoint
+from ar_lm.scaling.sweeps import DataSpec, Sweep, SweepPoint, wsd_compute
 from ar_lm.training import rundir
 
 SUMMARY_FIELDS = ("name", "status", "N", "D", "C", "val_loss", "val_loss_se", "val_perplexity", "val_bits_per_byte",
@@ -69,11 +69,17 @@ def ensure_data(sweep: Sweep, sweep_dir: Path, data_dir: Optional[str]) -> Path:
     return out
 
 
-def _point_config(point: SweepPoint, sweep: Sweep, data_dir: Path):
+def _point_config(point: SweepPoint, sweep: Sweep, sweep_dir: Path, data_dir: Path):
+    """The point's config as it runs: the sweep's dataset and wandb group, and a branch's trunk (a point
+    name in `train.branch_of`) as that point's run directory."""
     cfg = point.config
     coords = tuple(f"{k}={v}" for k, v in point.coords.items())
     logging = dataclasses.replace(cfg.logging, group=cfg.logging.group or sweep.name, coords=coords)
-    return dataclasses.replace(cfg, name=point.name, data=dataclasses.replace(cfg.data, path=str(data_dir)), logging=logging)
+    train = cfg.train
+    if train.branch_of in {p.name for p in sweep.points}:
+        train = dataclasses.replace(train, branch_of=str(sweep_dir / "runs" / train.branch_of))
+    return dataclasses.replace(cfg, name=point.name, data=dataclasses.replace(cfg.data, path=str(data_dir)),
+                               logging=logging, train=train)
 
 
 def train_command(config_path: Path, run_dir: Path) -> list[str]:
@@ -105,7 +111,7 @@ class SweepRunner:
             listing = []
         by_name = {entry["name"]: entry for entry in listing}
         for p in points:
-            save_json(_point_config(p, self.sweep, self.data_dir), self.config_path(p.name))
+            save_json(_point_config(p, self.sweep, self.dir, self.data_dir), self.config_path(p.name))
             by_name[p.name] = {"name": p.name, "coords": p.coords, "config": str(self.config_path(p.name))}
         atomic_write_json(self.dir / "sweep.json",
                           {"name": self.sweep.name, "n_kind": self.sweep.n_kind, "points": list(by_name.values())})
@@ -150,12 +156,12 @@ class SweepRunner:
         seconds_per_flop, t0, flops_run = None, time.time(), 0.0
         for p in todo:
             if show_progress:
-                remaining = sum(q.coords["C"] for q in todo[todo.index(p):])
+                remaining = sum(_run_flops(q) for q in todo[todo.index(p):])
                 eta = f"{remaining * seconds_per_flop / 60:.1f} min" if seconds_per_flop else "?"
                 print(f"[sweep] {done}/{len(points)} done, 1 running ({p.name}: N={p.coords['N']:,} "
                       f"D={p.coords['D']:,} C={p.coords['C']:.3g}), {failed} failed, ETA {eta}", file=sys.stderr, flush=True)
             ok = self.run_point(p)
-            flops_run += p.coords["C"]
+            flops_run += _run_flops(p)
             seconds_per_flop = (time.time() - t0) / flops_run
             done += ok
             failed += not ok
@@ -184,6 +190,11 @@ class SweepRunner:
         writer.writerows(rows)
         atomic_write_text(self.dir / "summary.csv", buf.getvalue())
         return rows
+
+
+def _run_flops(p: SweepPoint) -> float:
+    """What running the point costs (a cooldown branch: its cooldown only; see `wsd_sweep`)."""
+    return p.coords.get("C_run", p.coords["C"])
 
 
 def _last_error(log_path: Path) -> str:
@@ -242,6 +253,10 @@ def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Option
         rows = runner.write_summary(sweep.points)
         print(format_table(rows))
         warn_repeats(rows)
+        if any(p.coords.get("role") == "trunk" for p in sweep.points):
+            c = wsd_compute(sweep.points)
+            print(f"[sweep] WSD ladder: trunks and cooldowns spent {c['spent']:.3g} FLOPs; the same points as "
+                  f"independent runs: {c['independent']:.3g} ({100 * c['saved_frac']:.0f}% saved)")
         print(f"[sweep] summary written to {out / 'summary.csv'} ({time.time() - t0:.0f} s)", file=sys.stderr)
         if fit and not only:
             fit_and_check(sweep, runner, out)

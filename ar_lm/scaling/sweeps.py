@@ -1,5 +1,5 @@
-"""Sweep definitions for scaling experiments: a model-size ladder, size x tokens grids and
-IsoFLOP grids. An experiment file defines ``sweep() -> Sweep``; `ar-lm sweep` runs it.
+"""Sweep definitions for scaling experiments: a model-size ladder, size x tokens grids, IsoFLOP
+grids and WSD ladders (a constant-lr trunk per size with branched cooldowns). An experiment file defines ``sweep() -> Sweep``; `ar-lm sweep` runs it.
 
 Every point's token budget D sets its own step count, so its learning-rate schedule (warmup,
 cosine to the final fraction at exactly the last step) fits its own length (Hoffmann et al. 2022).
@@ -14,6 +14,9 @@ from typing import Optional, Sequence
 from ar_lm.config import ExperimentConfig, ModelConfig
 from ar_lm.errors import UserError, require
 from ar_lm.model.counts import flops_per_token, param_counts
+from ar_lm.scaling.hparams import HParamRule
+from ar_lm.training.branch import branch_config
+from ar_lm.training.optimizer import cooldown_steps, warmup_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Sweep:
     data: Optional[DataSpec] = None
     n_kind: str = "non_embedding"  # which N the fits use: "total" or "non_embedding"
     rule: ShapeRule = ShapeRule()
+    hparams: Optional[HParamRule] = None  # the points' size-aware hyperparameters, also for the held-out runs
 
 
 def count_params(model: ModelConfig, n_kind: str) -> int:
@@ -100,34 +104,43 @@ def _pick_sizes(models: list[ModelConfig], targets: list[float], n_kind: str) ->
     return [models[i] for i in idx]
 
 
-def with_budget(cfg: ExperimentConfig, model: ModelConfig, tokens: int, evals_per_run: int = 0) -> ExperimentConfig:
-    """`cfg` with `model` and a token budget (steps = tokens / (batch * seq_len), at least 1);
-    `evals_per_run` > 0 evaluates every steps // evals_per_run steps (Approach 1's validation curves)."""
+def with_budget(cfg: ExperimentConfig, model: ModelConfig, tokens: int, evals_per_run: int = 0,
+                hparams: Optional[HParamRule] = None, n_kind: str = "non_embedding") -> ExperimentConfig:
+    """`cfg` with `model`, the values `hparams` resolves for it (N by `n_kind`, D = tokens) and a token
+    budget (steps = tokens / (batch * seq_len), at least 1); `evals_per_run` > 0 evaluates every
+    steps // evals_per_run steps (Approach 1's validation curves)."""
     model = dataclasses.replace(model, max_seq_len=max(model.max_seq_len, cfg.data.seq_len))
-    steps = max(1, round(tokens / (cfg.data.batch_size * cfg.data.seq_len)))
+    cfg = dataclasses.replace(cfg, model=model)
+    if hparams is not None:
+        cfg, _ = hparams.apply(cfg, count_params(model, n_kind), tokens)
+    steps = max(1, round(tokens / cfg.tokens_per_step))
     eval_every = max(1, steps // evals_per_run) if evals_per_run > 0 else cfg.train.eval_every
     train = dataclasses.replace(cfg.train, steps=steps, tokens=0, eval_every=eval_every)
     return dataclasses.replace(cfg, model=model, train=train)
 
 
 def _coords(cfg: ExperimentConfig, n_kind: str, **extra) -> dict:
-    """N (the `n_kind` count, what the fits use), both counts, D = steps * batch * seq_len, C = D * FLOPs/token."""
-    tokens = cfg.total_steps * cfg.data.batch_size * cfg.data.seq_len
+    """N (the `n_kind` count, what the fits use), both counts, D = steps * batch * seq_len, C = D * FLOPs/token,
+    and the resolved hyperparameters (lr, batch size, beta2, weight decay, warmup steps)."""
+    tokens = cfg.total_steps * cfg.tokens_per_step
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     counts = param_counts(cfg.model)
+    o = cfg.optim
     return {"N": count_params(cfg.model, n_kind), "n_kind": n_kind, "N_total": counts["total"],
             "N_non_embedding": counts["non_embedding"], "D": tokens, "C": fpt * tokens, "flops_per_token": fpt,
-            "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model, **extra}
+            "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model, "lr": o.lr, "batch_size": cfg.data.batch_size,
+            "b2": o.b2, "weight_decay": o.weight_decay,
+            "warmup_steps": warmup_steps(o, cfg.total_steps, cfg.tokens_per_step), **extra}
 
 
 def grid_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[int], rule: ShapeRule = ShapeRule(),
-               n_kind: str = "non_embedding") -> list[SweepPoint]:
-    """Every model size x every token budget."""
+               n_kind: str = "non_embedding", hparams: Optional[HParamRule] = None) -> list[SweepPoint]:
+    """Every model size x every token budget (`hparams`: per-point hyperparameters, see `with_budget`)."""
     points = []
     for i, n in enumerate(sizes):
         model = ladder_model(base.model, n, rule, n_kind)
         for j, d in enumerate(tokens):
-            cfg = with_budget(base, model, d)
+            cfg = with_budget(base, model, d, hparams=hparams, n_kind=n_kind)
             name = f"n{i}_d{j}"
             points.append(SweepPoint(name, dataclasses.replace(cfg, name=name), _coords(cfg, n_kind, size_index=i, tokens_index=j)))
     return points
@@ -135,16 +148,15 @@ def grid_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[
 
 def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_budget: int = 4, spread: float = 3.0,
                   center_tokens_per_param: float = 20.0, rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding",
-                  min_steps: int = 20, evals_per_run: int = 0) -> list[SweepPoint]:
+                  min_steps: int = 20, evals_per_run: int = 0, hparams: Optional[HParamRule] = None) -> list[SweepPoint]:
     """For each compute budget C, `sizes_per_budget` model sizes spaced log-evenly over a factor of
     `spread` on each side of the D = 20 N guess (N* = sqrt(C / (6 * 20))), with
     D = C / flops_per_token(N) so every point spends C (up to rounding of the step count);
-    `evals_per_run` periodic evals per run (see `with_budget`)."""
+    `evals_per_run` periodic evals per run and `hparams` per-point hyperparameters (see `with_budget`)."""
     require(budgets, "an IsoFLOP sweep needs at least one budget")
     require(base.model.vocab_size > 0, "set model.vocab_size to the tokenizer's vocabulary (e.g. 257 for byte) so FLOPs are exact")
     require(sizes_per_budget >= 1, "sizes_per_budget must be >= 1")
     points = []
-    tokens_per_step = base.data.batch_size * base.data.seq_len
     for b, budget in enumerate(sorted(budgets)):
         n_star = math.sqrt(budget / (6 * center_tokens_per_param))
         exps = [0.0] if sizes_per_budget == 1 else [-1 + 2 * k / (sizes_per_budget - 1) for k in range(sizes_per_budget)]
@@ -153,22 +165,102 @@ def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_bu
         for k, model in enumerate(models):
             fpt = flops_per_token(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, base.data.seq_len)), base.data.seq_len)
             tokens = budget / fpt
-            if tokens / tokens_per_step < min_steps:
+            cfg = with_budget(base, model, int(tokens), evals_per_run, hparams, n_kind)
+            if tokens / cfg.tokens_per_step < min_steps:
                 raise UserError(
                     f"budget {budget:.3g} FLOPs is too small for a {count_params(model, n_kind):,}-parameter model "
-                    f"({tokens / tokens_per_step:.1f} steps < {min_steps}): raise the budget or shrink the models"
+                    f"({tokens / cfg.tokens_per_step:.1f} steps < {min_steps}): raise the budget or shrink the models"
                 )
-            cfg = with_budget(base, model, int(tokens), evals_per_run)
             name = f"c{b}_n{k}"
             points.append(SweepPoint(name, dataclasses.replace(cfg, name=name),
                                      _coords(cfg, n_kind, budget=float(budget), budget_index=b, size_index=k)))
     return points
 
 
+def wsd_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[int] = (),
+              tokens_per_param: Sequence[float] = (), flops: Sequence[float] = (), cooldown_frac: float = 0.2,
+              rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding", evals_per_run: int = 0,
+              hparams: Optional[HParamRule] = None) -> list[SweepPoint]:
+    """A WSD ladder (Hägele et al. 2024): per size one trunk at constant lr, trained to the first step of
+    the largest budget's cooldown with a kept checkpoint at every branch point, then one cooldown branch
+    per data budget (`ar_lm.training.branch`). Budgets are `tokens`, `tokens_per_param` (D = r N) or
+    `flops` (D = C / fpt(N): the branches of all sizes at one C form an IsoFLOP curve, coords `budget`).
+
+    Points: `n<i>_trunk` (role "trunk", not a fit point) before its branches `n<i>_d<j>`. A branch's C
+    counts its whole training, trunk share included, as a straight run of that budget would;
+    `C_run` is what running the point costs (the trunk: its steps; a branch: its cooldown). `hparams`
+    resolves once per size, at the largest budget (a trunk and its branches share one lr and batch);
+    `evals_per_run` evaluations fall within the smallest budget, and the trunk and its branches
+    evaluate at that interval (Approach 1's validation curves)."""
+    require(sum(map(bool, (tokens, tokens_per_param, flops))) == 1,
+            "a WSD sweep takes one kind of budget: tokens, tokens_per_param or flops")
+    require(0 < cooldown_frac <= 1, f"cooldown_frac must be in (0, 1], got {cooldown_frac}")
+    trunk_base = dataclasses.replace(base, optim=dataclasses.replace(base.optim, schedule="constant"))
+    points = []
+    for i, n in enumerate(sizes):
+        model = ladder_model(base.model, n, rule, n_kind)
+        n_actual = count_params(model, n_kind)
+        fpt = flops_per_token(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, base.data.seq_len)),
+                              base.data.seq_len)
+        by_tokens = {int(d): None for d in tokens} or {int(r * n_actual): None for r in tokens_per_param} or {
+            int(c / fpt): float(c) for c in flops}
+        budgets = sorted(by_tokens)
+        sized = with_budget(trunk_base, model, budgets[-1], hparams=hparams, n_kind=n_kind)
+        per_step = sized.tokens_per_step
+        steps = [max(1, round(d / per_step)) for d in budgets]
+        cooldown = dataclasses.replace(sized.optim, schedule="wsd", cooldown_steps=0, cooldown_frac=cooldown_frac)
+        starts = [t - cooldown_steps(cooldown, t) for t in steps]
+        require(min(starts) >= 1, f"size {n_actual:,}: the smallest budget ({steps[0]} steps) is all cooldown: raise it")
+        trunk = with_budget(dataclasses.replace(sized, model=base.model), model, max(starts) * per_step)
+        eval_every = max(1, steps[0] // evals_per_run) if evals_per_run > 0 else trunk.train.eval_every
+        trunk = dataclasses.replace(trunk, name=f"n{i}_trunk", train=dataclasses.replace(
+            trunk.train, checkpoint_at_tokens=tuple(s * per_step for s in starts), eval_every=eval_every))
+        coords = _coords(trunk, n_kind, size_index=i, role="trunk")
+        points.append(SweepPoint(trunk.name, trunk, {**coords, "C_run": coords["C"]}))
+        for j, t in enumerate(steps):
+            cfg = branch_config(trunk, t * per_step, cooldown_frac, parent=trunk.name)
+            cfg = dataclasses.replace(cfg, name=f"n{i}_d{j}")
+            budget = {"budget": by_tokens[budgets[j]], "budget_index": j} if flops else {}
+            coords = _coords(cfg, n_kind, size_index=i, tokens_index=j, role="branch", trunk=trunk.name,
+                             branch_step=cfg.train.branch_step, **budget)
+            run_share = (cfg.total_steps - cfg.train.branch_step) / cfg.total_steps
+            points.append(SweepPoint(cfg.name, cfg, {**coords, "C_run": coords["C"] * run_share}))
+    return points
+
+
+def wsd_compute(points: Sequence[SweepPoint]) -> dict:
+    """{"spent": sum of C_run over all points, "independent": sum of the branches' C (each budget as its
+    own run), "saved_frac": 1 - spent / independent}."""
+    spent = sum(p.coords.get("C_run", p.coords["C"]) for p in points)
+    independent = sum(p.coords["C"] for p in points if p.coords.get("role") != "trunk")
+    return {"spent": spent, "independent": independent, "saved_frac": 1 - spent / independent if independent else 0.0}
+
+
+def lr_sweep(base: ExperimentConfig, sizes: Sequence[float], lrs: Sequence[float], tokens_per_param: float = 20.0,
+             batch_sizes: Sequence[int] = (), rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding") -> list[SweepPoint]:
+    """Every ladder size x every lr (x every batch size), each trained on tokens_per_param · N tokens.
+    Points `n<i>_lr<j>` (`_b<k>` with several batch sizes); coords carry lr and batch_size, and
+    `ar-lm fit-lr` (`ar_lm.scaling.hparams.fit_lr_sweep`) fits the optimal lr per size."""
+    require(len(lrs) >= 3, f"an lr sweep needs at least 3 learning rates to find an optimum, got {len(lrs)}")
+    batches = tuple(batch_sizes) or (base.data.batch_size,)
+    points = []
+    for i, n in enumerate(sizes):
+        model = ladder_model(base.model, n, rule, n_kind)
+        tokens = int(tokens_per_param * count_params(model, n_kind))
+        for k, b in enumerate(batches):
+            for j, lr in enumerate(sorted(lrs)):
+                cfg = dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr=float(lr)),
+                                          data=dataclasses.replace(base.data, batch_size=int(b)))
+                cfg = with_budget(cfg, model, tokens)
+                name = f"n{i}_lr{j}" + (f"_b{k}" if len(batches) > 1 else "")
+                points.append(SweepPoint(name, dataclasses.replace(cfg, name=name), _coords(cfg, n_kind, size_index=i)))
+    return points
+
+
 def compute_optimal_point(base: ExperimentConfig, budget: float, n_opt: float, name: str, rule: ShapeRule = ShapeRule(),
-                          n_kind: str = "non_embedding") -> SweepPoint:
-    """One run at `budget` with the ladder model closest to `n_opt` parameters."""
+                          n_kind: str = "non_embedding", hparams: Optional[HParamRule] = None) -> SweepPoint:
+    """One run at `budget` with the ladder model closest to `n_opt` parameters (and the sweep's `hparams`)."""
     model = ladder_model(base.model, n_opt, rule, n_kind)
     fpt = flops_per_token(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, base.data.seq_len)), base.data.seq_len)
-    cfg = with_budget(base, model, int(budget / fpt))
+    cfg = with_budget(base, model, int(budget / fpt), hparams=hparams, n_kind=n_kind)
     return SweepPoint(name, dataclasses.replace(cfg, name=name), _coords(cfg, n_kind, budget=float(budget)))

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ppolicy
 
 from ar_lm.config import ExperimentConfig
 from ar_lm.errors import UserError, require
@@ -78,10 +79,14 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
+    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True, read_only: bool = False,
+                 keep_steps: tuple[int, ...] = ()):
+        """`keep` latest checkpoints (0: all), and those at `keep_steps` always."""
         self.directory = Path(directory).absolute()
+        self.keep_steps = frozenset(keep_steps)
+        policies = [ppolicy.LatestN(n=keep if keep > 0 else None), ppolicy.CustomSteps(sorted(self.keep_steps))]
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep > 0 else None,
+            preservation_policy=ppolicy.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,

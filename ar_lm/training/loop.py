@@ -24,10 +24,11 @@ from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.model.transformer import relayout_layers
 from ar_lm.parallel.mesh import data_parallel_size, logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.training import rundir
+from ar_lm.training.branch import start_branch
 from ar_lm.training.checkpoint import Checkpointer
 from ar_lm.training.evaluate import evaluate, make_eval_step
 from ar_lm.training.metrics import RunLogger, peak_flops_per_device
-from ar_lm.training.optimizer import make_optimizer
+from ar_lm.training.optimizer import run_optimizer
 from ar_lm.training.state import abstract_state, init_state, state_shardings
 from ar_lm.training.step import make_train_step
 
@@ -86,12 +87,19 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     # process 0 holds the run directory's lock for the whole multi-process run
     with rundir.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        if cfg.train.branch_of and not rundir.is_run_dir(run_dir) and jax.process_index() == 0:
+            start_branch(run_dir, cfg)  # a cooldown branch starts from its trunk
         if rundir.is_run_dir(run_dir):
             changed = rundir.check_resume_compatible(run_dir, cfg, trained=_has_trained(run_dir))
             if changed and jax.process_index() == 0:
                 print("[train] resuming with other speed settings (the same function): "
                       + ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in changed), file=sys.stderr)
         return _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested)
+
+
+def kept_steps(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """The steps of `train.checkpoint_at_tokens` (tokens // tokens per step), checkpointed and never deleted."""
+    return tuple(sorted({t // cfg.tokens_per_step for t in cfg.train.checkpoint_at_tokens} - {0}))
 
 
 def _has_trained(run_dir: Path) -> bool:
@@ -152,7 +160,7 @@ class _Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.data.batch_size * self.cfg.data.seq_len
+        return self.cfg.tokens_per_step
 
 
 def _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested) -> TrainResult:
@@ -174,10 +182,11 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds
     """Mesh, optimizer, shardings, data, the restored (or fresh) state, compiled steps; None if the run
     has finished already."""
     mesh, rules = check_parallelism(cfg)
-    tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+    tx, schedule = run_optimizer(cfg)
     shardings = state_shardings(cfg, tx, mesh, rules)
     batch_sharding = logical_sharding(mesh, rules, ("batch", "length"))
-    ckpt = Checkpointer(run_dir / rundir.CHECKPOINTS, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+    ckpt = Checkpointer(run_dir / rundir.CHECKPOINTS, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,
+                        keep_steps=kept_steps(cfg))
     data_iter = TrainIterator(train_ds, cfg.data.prefetch)
     with mesh_context(mesh, rules):
         start = ckpt.latest_step()
@@ -284,7 +293,7 @@ def _loop(run: _Run, end: int, stop_requested, log: _StepLog, t_start: float):
             last_eval = _evaluate(run, state, done)
             log.pause()
         stopping = done == end or (stop_requested is not None and stop_requested(done))
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or stopping:
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or stopping or done in run.ckpt.keep_steps:
             log.flush()
             _check_finite(cfg, *(int(x) for x in jax.device_get((state["bad_step"], state["skips"]))))
             run.ckpt.save(done, state, run.data_iter.get_state())
@@ -331,6 +340,8 @@ def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, fi
                 if log.train_time > 0 else None),
         **{f"val_{k}": v for k, v in last_eval.items()},
     }
+    if run.cfg.train.branch_of:  # a cooldown branch: its lineage (`ar-lm cooldown`)
+        summary |= {"branch_of": run.cfg.train.branch_of, "branch_step": run.cfg.train.branch_step}
     if jax.process_index() == 0 and summary["finished"]:
         rundir.write_summary(run.run_dir, summary)
     return TrainResult(run.run_dir, state, summary)

@@ -13,7 +13,7 @@ from ar_lm.config import ExperimentConfig
 from ar_lm.model.backend import cpu_compiler_options
 from ar_lm.model.transformer import apply
 from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
-from ar_lm.training.optimizer import make_optimizer
+from ar_lm.training.optimizer import run_optimizer
 from ar_lm.training.state import abstract_state, state_shardings
 
 
@@ -98,7 +98,7 @@ def compile_train_step(cfg: ExperimentConfig):
     """Compile the train step for `cfg` without creating any arrays (for memory and cost
     analysis): returns (compiled step, abstract state with its shardings)."""
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
-    tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+    tx, schedule = run_optimizer(cfg)
     shardings = state_shardings(cfg, tx, mesh, rules)
     state = abstract_state(cfg, tx, shardings)
     batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
