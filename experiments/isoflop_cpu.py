@@ -20,9 +20,9 @@ from ar_lm.scaling.hparams import HParamRule
 BUDGETS = (1e11, 3e11, 1e12)  # training FLOPs per branch
 HOLDOUT = (4e12,)  # 4x the largest budget
 RULE = ShapeRule(aspect=32, head_dim=8)
-# ladder sizes (non-embedding N) around the compute-optimal sizes of these budgets (~6k to ~30k):
-# every budget's IsoFLOP curve has sizes on both sides of its minimum
-SIZES = (3312, 7272, 12768, 19800, 56640)
+# ladder sizes (non-embedding N) around the compute-optimal sizes of these budgets (~7k at 1e11 to
+# ~50k at 1e12 with the size-aware lr): every budget's IsoFLOP curve has sizes on both sides of its minimum
+SIZES = (3312, 7272, 19800, 56640, 126432)
 COOLDOWN_FRAC = 0.2
 EVALS_PER_RUN = 4  # evaluations within the smallest budget of each size (validation curves for Approach 1)
 LR_FIT = Path(__file__).with_name("isoflop_cpu_lr.json")

@@ -84,6 +84,17 @@ def test_lr_fit_recovers_a_known_law_and_round_trips_as_a_rule(tmp_path):
     lo, hi = noisy["fits"]["lr"]["exponent_ci"]
     assert lo < -0.4 < hi and hi - lo < 0.3 and noisy["fits"]["lr"]["bootstrap_ok"][0] >= 150
 
+    # several batch sizes: the optimal batch per size (of the per-batch minima) and its power law
+    b_star = lambda n: 16 * (n / 4e4) ** 0.5  # noqa: E731
+    rows = [dict(r, batch_size=b, loss=r["loss"] + 0.03 * math.log(b / b_star(r["N"])) ** 2)
+            for r in _synthetic_rows(lr_star) for b in (2, 4, 8, 16, 32, 64)]
+    both = fit_lr_sweep(rows, n_boot=0)
+    for e in both["sizes"]:
+        assert e["batch_opt"] == pytest.approx(b_star(e["N"]), rel=0.05) and e["lr_opt"] == pytest.approx(lr_star(e["N"]))
+    assert both["fits"]["batch"]["exponent"] == pytest.approx(0.5, abs=0.05)
+    rule = HParamRule.from_json(both["rule"])
+    assert rule.resolve(tiny_config(), 4e4, 1e6)["batch_size"] == round(rule.batch_tokens(4e4, 0, 0) / 32)
+
     edge = _synthetic_rows(lambda n: 1.0)  # every optimum above the grid
     with pytest.raises(UserError, match=r"size N=10,000 \(batch 8\): the lowest loss is at the largest learning rate"):
         fit_lr_sweep(edge, n_boot=0)
