@@ -1,8 +1,10 @@
 """Runs the README's main-job command on a fresh clone of the committed code and copies its results
 into docs/isoflop_cpu/ (the files the README's results section names), with run.json: the command,
-date, machine, exit status, wall time (setup included), hypervisor steal and commit.
+date, machine, exit status, wall time (setup included), hypervisor steal and commit; then renders the
+README's results section (between its main-job-results markers) from those files.
 
     python benchmarks/main_job.py            # from the repository root, on a clean commit
+    python benchmarks/main_job.py --render   # only re-render the README section from docs/isoflop_cpu/
 """
 
 from __future__ import annotations
@@ -36,7 +38,72 @@ def readme_command() -> str:
     return lines[0]
 
 
+def _ci(p: dict, key: str) -> str:
+    lo, hi = p["ci"][key]
+    return f"{p[key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def results_markdown() -> str:
+    """The README's results section, from docs/isoflop_cpu/{fit,holdout,run}.json and summary.csv."""
+    fit = json.loads((DOCS / "fit.json").read_text())
+    (hold,) = json.loads((DOCS / "holdout.json").read_text())
+    run = json.loads((DOCS / "run.json").read_text())
+    rows = [l for l in (DOCS / "summary.csv").read_text().splitlines()[1:] if l]
+    a1, a2, a3 = fit["approach1"], fit["approach2"], fit["approach3"]
+    front = a2.get("frontier")
+    n_budgets = len(a2["minima"]) + len(a2["excluded"])
+    excluded = "; excluded: " + ", ".join(f"C={e['C']:.0e} ({e['reason']})" for e in a2["excluded"]) if a2["excluded"] else ""
+    loc = a3.get("local") or {}
+    lo, hi = hold["interval"]
+    inside = "inside" if hold["inside_interval"] else "OUTSIDE"
+    lines = [
+        f"From `docs/isoflop_cpu/` (copied from `sweeps/isoflop_cpu/` by `benchmarks/main_job.py`, run of {run['date']} "
+        f"at commit {run['commit']}, `run.json`: {run['wall_time_s'] / 60:.1f} minutes with setup): the {len(rows)} "
+        "runs in `summary.csv`, the fit in `fit.json`, the held-out check in `holdout.json`. N is the "
+        f"{fit['n_kind'].replace('_', '-')} count; compute is the {fit['compute']['kind']} C = fpt(N) · D.",
+        "",
+        "![IsoFLOP curves](docs/isoflop_cpu/isoflop.png)",
+        "",
+        "| approach | N_opt ∝ C^a (95% bootstrap CI) | D_opt ∝ C^b |",
+        "| --- | --- | --- |",
+        f"| 1: minimum-loss envelope of the {a1['source']} curves{' (indicative)' if a1['indicative'] else ''} "
+        f"| {_ci(a1, 'a')} | {_ci(a1, 'b')} |",
+        f"| 2: IsoFLOP minima ({len(a2['minima'])} of {n_budgets} budgets interior{excluded}) | {_ci(a2, 'a')} "
+        f"| {_ci(a2, 'b')} |",
+        f"| 3: L(N,D) = {a3['E']:.2f} + {a3['A']:.3g}/N^{a3['alpha']:.2f} + {a3['B']:.3g}/D^{a3['beta']:.2f} "
+        f"({a3['converged_starts']}/{a3['n_starts']} starts converged) | {_ci(a3, 'a')} asymptotically, "
+        f"{loc.get('a', float('nan')):.2f} locally | {_ci(a3, 'b')}, {loc.get('b', float('nan')):.2f} locally |",
+        "",
+    ]
+    if front:
+        flo, fhi = front["ci"]["alpha"]
+        lines += [f"Loss frontier through the IsoFLOP minima: L*(C) = {front['E']:.2f} + {front['A']:.3g} · "
+                  f"C^-{front['alpha']:.3f} [{flo:.3f}, {fhi:.3f}].", ""]
+    lines += [
+        f"Held-out run at C = {hold['C']:.1e} ({hold['beyond_largest_budget']:.1f}x the largest sweep budget) at the "
+        f"fitted N_opt = {hold['N_opt_fitted']:,.0f} [{hold['N_opt_interval'][0]:,.0f}, {hold['N_opt_interval'][1]:,.0f}] "
+        f"(the nearest ladder shape: N = {hold['N']:,}, D = {hold['D'] / 1e6:.1f}M tokens): predicted loss "
+        f"{hold['predicted_loss']:.3f} with 95% prediction interval [{lo:.3f}, {hi:.3f}], measured "
+        f"{hold['measured_loss']:.3f} nats/token ({100 * hold['relative_error']:+.1f}%, {inside} the interval).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_readme() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- main-job-results -->\n", "<!-- /main-job-results -->"
+    if start not in text or end not in text:
+        sys.exit("error: README.md has no main-job-results markers: add them around the results section")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + results_markdown() + end + rest.split(end, 1)[1])
+    print(f"[main_job] rendered the results section of {readme}")
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--render"]:
+        render_readme()
+        return 0
     command = readme_command()
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                       text=True).stdout.strip():
@@ -61,6 +128,7 @@ def main() -> int:
            "wall_time_s": round(wall, 1), "cpu_steal_frac": round(steal.frac() or 0.0, 3), "commit": commit}
     (DOCS / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     print(f"[main_job] {wall:.0f} s; results in {DOCS}")
+    render_readme()
     return 0
 
 

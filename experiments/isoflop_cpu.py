@@ -24,7 +24,7 @@ RULE = ShapeRule(aspect=32, head_dim=8)
 # ~50k at 1e12 with the size-aware lr): every budget's IsoFLOP curve has sizes on both sides of its minimum
 SIZES = (3312, 7272, 19800, 56640, 126432)
 COOLDOWN_FRAC = 0.2
-EVALS_PER_RUN = 4  # evaluations within the smallest budget of each size (validation curves for Approach 1)
+EVALS_PER_RUN = 3  # evaluations within the smallest budget of each size (validation curves for Approach 1)
 LR_FIT = Path(__file__).with_name("isoflop_cpu_lr.json")
 
 
@@ -38,7 +38,7 @@ def config() -> ExperimentConfig:
         optim=OptimConfig(lr=4e-3, schedule="wsd", cooldown_frac=COOLDOWN_FRAC, warmup_steps=50, final_lr_frac=0.1,
                           weight_decay=0.1),
         # eval_tokens: a seeded random subset of val windows spread over the whole split (the same at every eval)
-        train=TrainConfig(eval_every=0, eval_tokens=65536, log_every=10, checkpoint_every=500, keep_checkpoints=1),
+        train=TrainConfig(eval_every=0, eval_tokens=32768, log_every=10, checkpoint_every=2000, keep_checkpoints=1),
         mesh=MeshConfig(devices=1),
         logging=LoggingConfig(wandb=True, project="ar_lm", tags=("isoflop_cpu",), progress=False),
     )

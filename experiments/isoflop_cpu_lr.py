@@ -27,7 +27,8 @@ def config():
 
 def sweep() -> Sweep:
     base = config()
-    base = dataclasses.replace(base, name="isoflop_cpu_lr", logging=dataclasses.replace(base.logging, tags=("isoflop_cpu_lr",)))
+    base = dataclasses.replace(base, name="isoflop_cpu_lr", logging=dataclasses.replace(base.logging, tags=("isoflop_cpu_lr",)),
+                               train=dataclasses.replace(base.train, eval_tokens=65536))  # as isoflop_cpu_lr.json was fit
     points = lr_sweep(base, SIZES, LRS, tokens_per_param=100, rule=MAIN_JOB.RULE)
     return Sweep(name="isoflop_cpu_lr", base=base, points=tuple(points), rule=MAIN_JOB.RULE,
                  data=DataSpec(source="stdlib", tokenizer="byte", max_mb=8.0))
