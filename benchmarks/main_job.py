@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "isoflop_cpu"
 SWEEP = Path("sweeps") / "isoflop_cpu"
 FILES = {SWEEP / "summary.csv": "summary.csv", SWEEP / "fit" / "fit.json": "fit.json",
-         SWEEP / "fit" / "holdout.json": "holdout.json"}
+         SWEEP / "fit" / "holdout.json": "holdout.json", SWEEP / "sweep.json": "sweep.json"}
 
 
 def readme_command() -> str:
@@ -49,6 +49,7 @@ def results_markdown() -> str:
     (hold,) = json.loads((DOCS / "holdout.json").read_text())
     run = json.loads((DOCS / "run.json").read_text())
     rows = [l for l in (DOCS / "summary.csv").read_text().splitlines()[1:] if l]
+    trunks = sum(l.split(",")[0].endswith("_trunk") for l in rows)
     a1, a2, a3 = fit["approach1"], fit["approach2"], fit["approach3"]
     front = a2.get("frontier")
     n_budgets = len(a2["minima"]) + len(a2["excluded"])
@@ -59,7 +60,8 @@ def results_markdown() -> str:
     lines = [
         f"From `docs/isoflop_cpu/` (copied from `sweeps/isoflop_cpu/` by `benchmarks/main_job.py`, run of {run['date']} "
         f"at commit {run['commit']}, `run.json`: {run['wall_time_s'] / 60:.1f} minutes with setup): the {len(rows)} "
-        "runs in `summary.csv`, the fit in `fit.json`, the held-out check in `holdout.json`. N is the "
+        f"runs in `summary.csv` ({trunks} WSD trunks and {len(rows) - trunks} points), the fit in `fit.json`, the "
+        "held-out check in `holdout.json`. N is the "
         f"{fit['n_kind'].replace('_', '-')} count; compute is the {fit['compute']['kind']} C = fpt(N) · D.",
         "",
         "![IsoFLOP curves](docs/isoflop_cpu/isoflop.png)",
@@ -77,8 +79,16 @@ def results_markdown() -> str:
     ]
     if front:
         flo, fhi = front["ci"]["alpha"]
+        exact = " (3 minima for 3 parameters: determined exactly, so E is not constrained)" if len(a2["minima"]) == 3 else ""
         lines += [f"Loss frontier through the IsoFLOP minima: L*(C) = {front['E']:.2f} + {front['A']:.3g} · "
-                  f"C^-{front['alpha']:.3f} [{flo:.3f}, {fhi:.3f}].", ""]
+                  f"C^-{front['alpha']:.3f} [{flo:.3f}, {fhi:.3f}]{exact}.", ""]
+    if (DOCS / "sweep.json").is_file():  # a WSD ladder: what its points cost against independent runs
+        points = json.loads((DOCS / "sweep.json").read_text())["points"]
+        spent = sum(p["coords"].get("C_run", p["coords"]["C"]) for p in points if not p["name"].startswith("holdout"))
+        alone = sum(p["coords"]["C"] for p in points if p["coords"].get("role") == "branch")
+        if alone:
+            lines += [f"The WSD ladder spent {spent:.3g} FLOPs on points that cost {alone:.3g} as independent runs "
+                      f"({100 * (1 - spent / alone):.0f}% saved; `sweep.json`, coords `C` and `C_run`).", ""]
     lines += [
         f"Held-out run at C = {hold['C']:.1e} ({hold['beyond_largest_budget']:.1f}x the largest sweep budget) at the "
         f"fitted N_opt = {hold['N_opt_fitted']:,.0f} [{hold['N_opt_interval'][0]:,.0f}, {hold['N_opt_interval'][1]:,.0f}] "
