@@ -99,7 +99,7 @@ def test_coordinate_check_and_lr_transfer_across_widths():
             moved[parametrization, w] = {k: float(jnp.sqrt(jnp.mean(jnp.square(after[k] - before[k])))) for k in before}
     for layer in ("block_0", "block_1", "logits"):
         mup = [moved["mup", w][layer] for w in WIDTHS]
-        assert max(mup) / min(mup) < 2.5, (layer, mup)  # width-independent under muP (measured <= 1.7x)
+        assert max(mup) / min(mup) < 2.5, (layer, mup)  # width-independent under muP (measured at most 2.4x)
     sp = [moved["sp", w]["block_1"] for w in WIDTHS]
     assert sp[-1] / sp[0] > 10, sp  # grows with width under SP (measured ~100x)
 

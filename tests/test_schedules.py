@@ -158,6 +158,15 @@ def test_cooldown_bad_input_is_one_line_and_writes_nothing(tmp_path, byte_data, 
         assert not out.exists()
     assert math.isclose(json.loads((constant / "summary.json").read_text())["step"], 8)
 
+    # a seed interrupted before its config.json was written starts over
+    seeded = tmp_path / "seeded"
+    (seeded / "checkpoints" / "8" / "state").mkdir(parents=True)
+    (seeded / "metrics.jsonl").write_text('{"step": 99}\n')
+    assert main(["cooldown", str(constant), "--at-tokens", str(10 * per_step), "--cooldown-steps", "2",
+                 "--run-dir", str(seeded)]) == 0
+    steps = [json.loads(l)["step"] for l in (seeded / "metrics.jsonl").read_text().splitlines()]
+    assert 99 not in steps and steps[-1] == 10 and json.loads((seeded / "summary.json").read_text())["branch_step"] == 8
+
 
 WSD_EXPERIMENT = '''
 from ar_lm.config import DataConfig, ExperimentConfig, LoggingConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig

@@ -77,14 +77,24 @@ def check_branch_point(cfg: ExperimentConfig) -> None:
             f"train.checkpoint_at_tokens including {start * cfg.tokens_per_step}")
 
 
+def check_branch_dir(out: Path) -> None:
+    """`out` is new, a run directory (the branch to resume) or an interrupted seed (no config.json yet)."""
+    out = Path(out)
+    if rundir.is_run_dir(out):
+        return
+    seeding = {".lock", rundir.CHECKPOINTS, rundir.METRICS}  # config.json, written last, marks a finished seed
+    require(not any(p.name not in seeding for p in out.iterdir()) if out.is_dir() else not out.exists(),
+            f"run directory {out} exists and is not a run directory: use a new one")
+
+
 def start_branch(out: Path, cfg: ExperimentConfig) -> None:
     """Seed the new run directory `out` with the trunk's checkpoint at `cfg.train.branch_step` and its
     metrics up to it (so the branch's curves begin at step 0); `train` calls this for a config with
     `train.branch_of` and then resumes there. Checks before it writes."""
     check_branch_point(cfg)
     trunk_dir, out, start = Path(cfg.train.branch_of).absolute(), Path(out).absolute(), cfg.train.branch_step
-    require(not any(p.name != ".lock" for p in out.iterdir()) if out.is_dir() else not out.exists(),
-            f"run directory {out} exists and is not a run directory: use a new one")
+    check_branch_dir(out)
+    shutil.rmtree(out / rundir.CHECKPOINTS, ignore_errors=True)  # an interrupted seed starts over
     (out / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     shutil.copytree(trunk_dir / rundir.CHECKPOINTS / str(start), out / rundir.CHECKPOINTS / str(start))
     records = [r for r in read_jsonl(trunk_dir / rundir.METRICS) if r.get("step", 0) <= start]

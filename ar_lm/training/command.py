@@ -11,7 +11,7 @@ from ar_lm.config import load_experiment, to_dict, with_data_path
 from ar_lm.errors import EXIT_PREEMPTED, require
 from ar_lm.parallel.runtime import configure_cpu_devices, initialize, multi_process_requested
 from ar_lm.training import rundir
-from ar_lm.training.branch import branch_config, check_branch_point
+from ar_lm.training.branch import branch_config, check_branch_dir, check_branch_point
 from ar_lm.training.loop import train
 from ar_lm.training.preemption import PreemptionGuard
 
@@ -38,8 +38,7 @@ def cooldown_command(args) -> int:
     trunk = rundir.load_run_config(args.trunk_dir)
     cfg = branch_config(trunk, args.at_tokens, args.cooldown_frac, args.cooldown_steps,
                                parent=str(Path(args.trunk_dir).absolute()))
-    require(not Path(args.run_dir).exists() or rundir.is_run_dir(args.run_dir),
-            f"--run-dir {args.run_dir} exists and is not a run directory: use a new one")
+    check_branch_dir(Path(args.run_dir))
     configure_cpu_devices(cfg.mesh, cfg.data.batch_size // cfg.optim.grad_accum)
     check_branch_point(cfg)
     return _train_guarded(cfg, Path(args.run_dir))
