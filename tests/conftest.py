@@ -53,6 +53,21 @@ def byte_data(tmp_path_factory, corpus_dir) -> Path:
     return out
 
 
+def final_params(run_dir):
+    """The parameters of `run_dir`'s latest checkpoint, on the host."""
+    from ar_lm.parallel.mesh import logical_rules, make_mesh
+    from ar_lm.training import rundir
+    from ar_lm.training.checkpoint import Checkpointer
+    from ar_lm.training.state import abstract_params
+
+    cfg = rundir.load_run_config(run_dir)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
+    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+    params = ckpt.restore_params(ckpt.latest_step(), abstract_params(cfg, mesh, rules))
+    ckpt.close()
+    return jax.device_get(params)
+
+
 def tiny_config(data_path: Path | str = "", **sections) -> ExperimentConfig:
     """A tiny single-device experiment; `sections` maps section name -> dict of field overrides."""
     cfg = ExperimentConfig(

@@ -13,16 +13,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import final_params, tiny_config
 
 from ar_lm.cli import main
 from ar_lm.config import save_json
 from ar_lm.errors import EXIT_PREEMPTED, NonFiniteError, UserError
-from ar_lm.parallel.mesh import logical_rules, make_mesh
-from ar_lm.training import rundir
 from ar_lm.training.checkpoint import Checkpointer, choose_data_state
 from ar_lm.training.loop import train
-from ar_lm.training.state import abstract_params
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
 
@@ -48,15 +45,6 @@ def _last_logged_step(run_dir) -> int:
         return max((step for step, _ in _train_losses(run_dir)), default=0)
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line being written
         return 0
-
-
-def _final_params(run_dir):
-    cfg = rundir.load_run_config(run_dir)
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
-    params = ckpt.restore_params(ckpt.latest_step(), abstract_params(cfg, mesh, rules))
-    ckpt.close()
-    return jax.device_get(params)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +87,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, byte_data, reference):
     assert kills >= 3 and during_write == 1
     subprocess.run(_cmd(path, run), env=ENV, check=True, capture_output=True)
     assert _train_losses(run) == _train_losses(ref_run)  # bitwise: same program, same device count
-    ref, got = _final_params(ref_run), _final_params(run)
+    ref, got = final_params(ref_run), final_params(run)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, ref)
 
 

@@ -12,16 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import final_params, tiny_config
 
 from ar_lm.cli import main
 from ar_lm.config import OptimConfig, save_json
-from ar_lm.parallel.mesh import logical_rules, make_mesh
 from ar_lm.training import rundir
 from ar_lm.training.checkpoint import Checkpointer
 from ar_lm.training.loop import train
 from ar_lm.training.optimizer import lr_schedule
-from ar_lm.training.state import abstract_params
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
 T, W, F = 100, 10, 0.1
@@ -80,15 +78,6 @@ def _train_losses(run_dir):
     return [(r["step"], r["loss"], r["lr"]) for r in recs if r["split"] == "train"]
 
 
-def _final_params(run_dir):
-    cfg = rundir.load_run_config(run_dir)
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
-    params = ckpt.restore_params(ckpt.latest_step(), abstract_params(cfg, mesh, rules))
-    ckpt.close()
-    return jax.device_get(params)
-
-
 def test_cooldown_branch_equals_a_straight_wsd_run_after_a_kill_of_the_trunk(tmp_path, byte_data):
     tokens_per_step = 8 * 32
     cfg, path = _trunk_config_file(tmp_path, byte_data, steps=40, branch_at=[12 * tokens_per_step])
@@ -126,7 +115,7 @@ def test_cooldown_branch_equals_a_straight_wsd_run_after_a_kill_of_the_trunk(tmp
     assert [lr for _, _, lr in _train_losses(branch)][-1] == pytest.approx(0.1 * 3e-3)
     assert summary["val_loss"] == straight["val_loss"]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 _final_params(branch), _final_params(tmp_path / "straight"))
+                 final_params(branch), final_params(tmp_path / "straight"))
 
 
 def _safe_losses(run_dir):

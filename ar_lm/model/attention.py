@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
 from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
-from ar_lm.model.layers import RMSNorm, param, rope
-from ar_lm.model.mup import hidden_init_std, query_multiplier
+from ar_lm.model.layers import RMSNorm, hidden_initializers, param, rope
+from ar_lm.model.mup import query_multiplier
 
 Array = jax.Array
 
@@ -144,8 +144,7 @@ class Attention(nn.Module):
         dtype = resolve_compute_dtype(cfg)
         pdt = jnp.dtype(cfg.param_dtype)
         d, h, kh, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std))
-        out_init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std / (2 * cfg.n_layers) ** 0.5))
+        init, out_init = hidden_initializers(cfg)
         bias = cfg.family == "gpt2"
 
         def project(name, n, axes):

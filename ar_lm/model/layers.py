@@ -56,6 +56,13 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def hidden_initializers(cfg: ModelConfig):
+    """(init of the hidden matrices, init of the residual-output projections: std / sqrt(2 n_layers), GPT-2),
+    each scaled for the parametrization (`mup.hidden_init_std`)."""
+    return (nn.initializers.normal(hidden_init_std(cfg, cfg.init_std)),
+            nn.initializers.normal(hidden_init_std(cfg, cfg.init_std / (2 * cfg.n_layers) ** 0.5)))
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     param_dtype = jnp.dtype(cfg.param_dtype)
     if cfg.family == "gpt2":
@@ -86,8 +93,7 @@ class Mlp(nn.Module):
         dtype = resolve_compute_dtype(cfg)
         pdt = jnp.dtype(cfg.param_dtype)
         d, f = cfg.d_model, cfg.ff_dim
-        init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std))
-        out_init = nn.initializers.normal(hidden_init_std(cfg, cfg.init_std / (2 * cfg.n_layers) ** 0.5))
+        init, out_init = hidden_initializers(cfg)
 
         def dense(name, shape, axes, kernel_init, x):
             w = param(self, f"{name}_kernel", kernel_init, shape, axes, pdt)

@@ -28,10 +28,9 @@ from ar_lm.config import ExperimentConfig
 from ar_lm.errors import UserError, require
 from ar_lm.io import atomic_write_json
 from ar_lm.model.counts import flops_per_token
+from ar_lm.scaling.fit import interval
 from ar_lm.scaling.isoflop import budget_minimum
 from ar_lm.training import rundir
-
-CI = (2.5, 97.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +185,7 @@ def fit_lr_sweep(rows: list[dict], n_boot: int = 200, seed: int = 0) -> dict:
         for k in keys:
             boots[k].append(_log_law(n_arr, np.array([e[column[k]] for e in again]), ref)[1])
     for k in keys:
-        fits[k]["exponent_ci"] = [float(v) for v in np.percentile(boots[k], CI)] if len(boots[k]) >= 10 else None
+        fits[k]["exponent_ci"] = interval(boots[k])
         fits[k]["bootstrap_ok"] = [len(boots[k]), n_boot]
     lr_law = PowerLaw(fits["lr"]["coef_at_ref"], fits["lr"]["exponent"], ref)
     batch_law = (PowerLaw(fits["batch"]["coef_at_ref"] * rows[0]["seq_len"], fits["batch"]["exponent"], ref)

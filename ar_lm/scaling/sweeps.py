@@ -104,19 +104,27 @@ def _pick_sizes(models: list[ModelConfig], targets: list[float], n_kind: str) ->
     return [models[i] for i in idx]
 
 
+def _at_seq_len(model: ModelConfig, seq_len: int) -> ModelConfig:
+    """`model` with room for `seq_len` positions (as a run of that window length builds it)."""
+    return dataclasses.replace(model, max_seq_len=max(model.max_seq_len, seq_len))
+
+
+def _run_fpt(model: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of `model` in a run of window `seq_len`."""
+    return flops_per_token(_at_seq_len(model, seq_len), seq_len)
+
+
 def with_budget(cfg: ExperimentConfig, model: ModelConfig, tokens: int, evals_per_run: int = 0,
                 hparams: Optional[HParamRule] = None, n_kind: str = "non_embedding") -> ExperimentConfig:
     """`cfg` with `model`, the values `hparams` resolves for it (N by `n_kind`, D = tokens) and a token
     budget (steps = tokens / (batch * seq_len), at least 1); `evals_per_run` > 0 evaluates every
     steps // evals_per_run steps (Approach 1's validation curves)."""
-    model = dataclasses.replace(model, max_seq_len=max(model.max_seq_len, cfg.data.seq_len))
-    cfg = dataclasses.replace(cfg, model=model)
+    cfg = dataclasses.replace(cfg, model=_at_seq_len(model, cfg.data.seq_len))
     if hparams is not None:
         cfg, _ = hparams.apply(cfg, count_params(model, n_kind), tokens)
     steps = max(1, round(tokens / cfg.tokens_per_step))
     eval_every = max(1, steps // evals_per_run) if evals_per_run > 0 else cfg.train.eval_every
-    train = dataclasses.replace(cfg.train, steps=steps, tokens=0, eval_every=eval_every)
-    return dataclasses.replace(cfg, model=model, train=train)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, tokens=0, eval_every=eval_every))
 
 
 def _coords(cfg: ExperimentConfig, n_kind: str, **extra) -> dict:
@@ -163,7 +171,7 @@ def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_bu
         targets = [n_star * spread**e for e in exps]
         models = _pick_sizes(ladder(base.model, rule, n_kind, max(targets) * 8), targets, n_kind)
         for k, model in enumerate(models):
-            fpt = flops_per_token(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, base.data.seq_len)), base.data.seq_len)
+            fpt = _run_fpt(model, base.data.seq_len)
             tokens = budget / fpt
             cfg = with_budget(base, model, int(tokens), evals_per_run, hparams, n_kind)
             if tokens / cfg.tokens_per_step < min_steps:
@@ -200,8 +208,7 @@ def wsd_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[i
     for i, n in enumerate(sizes):
         model = ladder_model(base.model, n, rule, n_kind)
         n_actual = count_params(model, n_kind)
-        fpt = flops_per_token(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, base.data.seq_len)),
-                              base.data.seq_len)
+        fpt = _run_fpt(model, base.data.seq_len)
         by_tokens = {int(d): None for d in tokens} or {int(r * n_actual): None for r in tokens_per_param} or {
             int(c / fpt): float(c) for c in flops}
         budgets = sorted(by_tokens)
@@ -211,7 +218,7 @@ def wsd_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[i
         cooldown = dataclasses.replace(sized.optim, schedule="wsd", cooldown_steps=0, cooldown_frac=cooldown_frac)
         starts = [t - cooldown_steps(cooldown, t) for t in steps]
         require(min(starts) >= 1, f"size {n_actual:,}: the smallest budget ({steps[0]} steps) is all cooldown: raise it")
-        trunk = with_budget(dataclasses.replace(sized, model=base.model), model, max(starts) * per_step)
+        trunk = with_budget(sized, model, max(starts) * per_step)
         eval_every = max(1, steps[0] // evals_per_run) if evals_per_run > 0 else trunk.train.eval_every
         trunk = dataclasses.replace(trunk, name=f"n{i}_trunk", train=dataclasses.replace(
             trunk.train, checkpoint_at_tokens=tuple(s * per_step for s in starts), eval_every=eval_every))
@@ -261,6 +268,6 @@ def compute_optimal_point(base: ExperimentConfig, budget: float, n_opt: float, n
                           n_kind: str = "non_embedding", hparams: Optional[HParamRule] = None) -> SweepPoint:
     """One run at `budget` with the ladder model closest to `n_opt` parameters (and the sweep's `hparams`)."""
     model = ladder_model(base.model, n_opt, rule, n_kind)
-    fpt = flops_per_token(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, base.data.seq_len)), base.data.seq_len)
+    fpt = _run_fpt(model, base.data.seq_len)
     cfg = with_budget(base, model, int(budget / fpt), hparams=hparams, n_kind=n_kind)
     return SweepPoint(name, dataclasses.replace(cfg, name=name), _coords(cfg, n_kind, budget=float(budget)))

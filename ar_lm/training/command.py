@@ -37,7 +37,7 @@ def cooldown_command(args) -> int:
     require(args.cooldown_frac is None or 0 < args.cooldown_frac <= 1, "--cooldown-frac must be in (0, 1]")
     trunk = rundir.load_run_config(args.trunk_dir)
     cfg = branch_config(trunk, args.at_tokens, args.cooldown_frac, args.cooldown_steps,
-                               parent=str(Path(args.trunk_dir).absolute()))
+                        parent=str(Path(args.trunk_dir).absolute()))
     check_branch_dir(Path(args.run_dir))
     configure_cpu_devices(cfg.mesh, cfg.data.batch_size // cfg.optim.grad_accum)
     check_branch_point(cfg)

@@ -293,7 +293,8 @@ def _loop(run: _Run, end: int, stop_requested, log: _StepLog, t_start: float):
             last_eval = _evaluate(run, state, done)
             log.pause()
         stopping = done == end or (stop_requested is not None and stop_requested(done))
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or stopping or done in run.ckpt.keep_steps:
+        periodic = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+        if periodic or stopping or done in run.ckpt.keep_steps:
             log.flush()
             _check_finite(cfg, *(int(x) for x in jax.device_get((state["bad_step"], state["skips"]))))
             run.ckpt.save(done, state, run.data_iter.get_state())
