@@ -67,11 +67,33 @@ def _eval(p) -> None:
 
 
 def _sweep(p) -> None:
+    from ar_lm.parallel.launch import settings_from_env
+
+    env = settings_from_env()
     p.add_argument("experiment", help="experiment file defining sweep(), e.g. experiments/isoflop_cpu.py")
     p.add_argument("--sweep-dir", help="default: sweeps/<sweep name>")
     p.add_argument("--data", help="dataset directory (default: made from the sweep's DataSpec in SWEEP_DIR/data)")
-    p.add_argument("--launcher", choices=("local", "tpu", "slurm"), default="local")
-    p.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
+    p.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
+                   help="local: this machine (or a TPU pod with --launcher tpu); ray: Ray tasks; slurm: job arrays")
+    p.add_argument("--max-concurrent", type=int, default=1, help="points running at once (default 1: one at a time)")
+    p.add_argument("--devices", type=int, help="local: devices to pack points onto (default: this machine's GPUs, "
+                   "TPU chips or CPU cores; on CPU any number of fake host devices)")
+    p.add_argument("--flops-per-device", type=float, help="devices per point = the power of two >= C_run / F")
+    p.add_argument("--ray-address", help="ray: HOST:PORT of a running cluster (default: start a local instance)")
+    p.add_argument("--max-retries", type=int, default=2, help="ray: retries of a point whose worker died")
+    p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
+                   help="slurm: submit with sbatch, or run the arrays as local processes (submitit's LocalExecutor)")
+    p.add_argument("--slurm-partition", default=env["partition"], help="slurm: partition")
+    p.add_argument("--slurm-time", type=int, default=24 * 60, help="slurm: time limit per point, minutes")
+    p.add_argument("--slurm-cpu", action="store_true", help="slurm: CPU-only points (no --gpus-per-node)")
+    p.add_argument("--launcher", choices=("local", "tpu"), default="local",
+                   help="tpu: run the points on a TPU pod's workers, placed by chips, coordinated from here")
+    p.add_argument("--tpu-name", default=env["name"], help="tpu: TPU VM name, or NAME,NAME,... for several slices")
+    p.add_argument("--tpu-zone", default=env["zone"])
+    p.add_argument("--tpu-accelerator", default=env["accelerator"], help="tpu: e.g. v4-32, v5litepod-16")
+    p.add_argument("--tpu-project", default=env["project"])
+    p.add_argument("--status", action="store_true", help="print the sweep's progress table from its directory and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the points and what would run where, run nothing")
     p.add_argument("--only", help="run only points whose name matches this glob (no fit)")
     p.add_argument("--no-fit", action="store_true", help="skip the fit, plots and held-out runs")
 
@@ -121,6 +143,8 @@ def _launch(p) -> None:
     p.add_argument("--project", default=env["project"])
     p.add_argument("--spot", action="store_true", help="tpu: preemptible (spot) capacity")
     p.add_argument("--queued", action="store_true", help="tpu: create through queued resources")
+    p.add_argument("--queued-timeout", type=float, default=3600.0,
+                   help="tpu: seconds to wait for the queued resource to become ACTIVE")
     p.add_argument("--nodes", type=int, default=env["nodes"], help="slurm: nodes")
     p.add_argument("--gpus-per-node", type=int, default=env["gpus_per_node"], help="slurm")
     p.add_argument("--partition", default=env["partition"], help="slurm: partition")

@@ -48,7 +48,7 @@ class ModelConfig:
     compute_dtype: str = "auto"  # auto -> float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
     remat: str = "auto"  # auto | none | full | dots (save matmul outputs); auto: dots on CPU with scan, else none
-    attention: str = "auto"  # auto | xla (hand-written masked softmax) | dot_product (jax.nn)
+    attention: str = "auto"  # auto | xla (hand-written masked softmax) | dot_product (jax.nn) | pallas (splash, TPU)
     parametrization: str = "sp"  # sp | mup (Yang et al. 2022; see ar_lm.model.mup)
     mup_base_width: int = 0  # mup: d_model of the base shape (where mup equals sp)
     mup_base_head_dim: int = 0  # mup: head dim of the base shape (0: this model's; attention keeps 1/sqrt(dh))
@@ -222,7 +222,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.remat": ("auto", "none", "full", "dots"),
-    "model.attention": ("auto", "xla", "dot_product"),
+    "model.attention": ("auto", "xla", "dot_product", "pallas"),
     "model.parametrization": ("sp", "mup"),
     "train.nonfinite_policy": ("stop", "skip"),
     "optim.schedule": ("cosine", "wsd", "constant", "linear"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -44,3 +45,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def cpu_cores() -> int:
     """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def locked_json_update(path: Path, update) -> dict:
+    """Read-modify-write of a JSON object shared by several processes: under an exclusive flock on
+    PATH.lock, `update(obj)` changes the object read from PATH (an empty dict if missing), which then
+    replaces PATH atomically; readers never need the lock and never see a torn file. Returns the object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            obj = {}
+        update(obj)
+        atomic_write_json(path, obj)
+        return obj
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -13,6 +13,7 @@ atexit.register(shutil.rmtree, _jax_cache, True)
 os.environ.setdefault("AR_LM_COMPILE_CACHE", _jax_cache)
 
 import jax  # noqa: E402
+import submitit  # noqa: E402,F401  (binds its log handlers to sys.stdout at import: before pytest captures it)
 
 jax.config.update("jax_num_cpu_devices", 8)
 

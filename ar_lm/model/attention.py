@@ -1,4 +1,4 @@
-"""Causal self-attention: masks, three attention implementations, the KV-cache write, the module.
+"""Causal self-attention: masks, four attention implementations, the KV-cache write, the module.
 
 Shapes are in names: B batch, L query length, S key/cache length, H query heads, K kv heads,
 G = H/K query heads per kv head, Dh head dim. A query at position p sees keys at positions 0..p that
@@ -16,6 +16,7 @@ from ar_lm.config import ModelConfig
 from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
 from ar_lm.model.layers import RMSNorm, hidden_initializers, param, rope
 from ar_lm.model.mup import query_multiplier
+from ar_lm.model.pallas_attention import pallas_causal_attention
 
 Array = jax.Array
 
@@ -123,14 +124,15 @@ def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, 
         k_BxKxSxDh, v_BxKxSxDh = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dtype)
                                   for n in ("k", "v"))
 
-    dot_product = resolve_attention(cfg) == "dot_product"
+    impl = resolve_attention(cfg)
+    dot_product = impl == "dot_product"
     if kv_pos_BxS is None:  # training/scoring: plain causal over positions 0..L-1, no cache
-        causal = dot_product_attention if dot_product else causal_attention
+        causal = {"dot_product": dot_product_attention, "pallas": pallas_causal_attention}.get(impl, causal_attention)
         out_BxLxHxDh = causal(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
     elif dot_product:
         out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxKxSxDh, v_BxKxSxDh)),
                                              attention_mask(positions_BxL, kv_pos_BxS))
-    else:
+    else:  # also for pallas: a decode step has L=1 query against a cache masked by slot positions
         out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, attention_mask(positions_BxL, kv_pos_BxS))
     return out_BxLxHxDh, new_cache
 

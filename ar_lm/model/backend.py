@@ -20,10 +20,11 @@ def resolve_compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 def resolve_attention(cfg: ModelConfig) -> str:
-    """`auto`: the hand-written masked softmax on CPU/TPU, `jax.nn.dot_product_attention` on GPU
-    (cuDNN flash attention)."""
+    """`auto`: the Pallas splash-attention kernel on TPU (`ar_lm.model.pallas_attention`, for training and
+    scoring; KV-cache decoding keeps the masked softmax), `jax.nn.dot_product_attention` on GPU (cuDNN flash
+    attention), the hand-written masked softmax on CPU."""
     if cfg.attention == "auto":
-        return "dot_product" if jax.default_backend() == "gpu" else "xla"
+        return {"tpu": "pallas", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
     return cfg.attention
 
 

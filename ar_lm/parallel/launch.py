@@ -11,7 +11,6 @@ which prints the exact commands (or sbatch script) instead of running them.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import socket
@@ -19,8 +18,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from ar_lm.errors import UserError, require
+from ar_lm.parallel.tpu import runtime_version, wait_active
 
 REMOTE_DIR = "~/ar_lm"
 
@@ -98,7 +99,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float, grace: float = 30.0
 # TPU pods (gcloud)
 
 
-def tpu_commands(args: list[str], name: str, zone: str, accelerator: str, version: str, project: str | None,
+def tpu_commands(args: list[str], name: str, zone: str, accelerator: str, version: str, project: Optional[str],
                  spot: bool, queued: bool, exists: bool) -> list[list[str]]:
     proj = ["--project", project] if project else []
     cmds = []
@@ -122,16 +123,36 @@ def tpu_commands(args: list[str], name: str, zone: str, accelerator: str, versio
     return cmds
 
 
-def run_tpu(args: list[str], name: str, zone: str, accelerator: str, version: str, project: str | None, spot: bool,
-            queued: bool, dry_run: bool) -> int:
+def run_tpu(args: list[str], name: str, zone: str, accelerator: str, version: Optional[str], project: Optional[str],
+            spot: bool, queued: bool, dry_run: bool, queued_timeout: float = 3600.0) -> int:
+    """Create the TPU (unless it exists; through queued resources with `queued`, waiting until it is
+    ACTIVE), copy this project to every worker, install it, run `ar-lm ARGS` on all workers."""
     require(name and zone and accelerator, "the TPU launcher needs --name, --zone and --accelerator (e.g. v5litepod-16)")
+    version = runtime_version(accelerator, version)
     exists = False
     if not dry_run:
         require(_which("gcloud"), "gcloud is not installed: install the Google Cloud SDK or use --dry-run")
         describe = ["gcloud", "compute", "tpus", "tpu-vm", "describe", name, f"--zone={zone}"]
         exists = subprocess.run(describe, capture_output=True).returncode == 0
     cmds = tpu_commands(args, name, zone, accelerator, version, project, spot, queued, exists)
+    if queued and not exists:  # create, wait for ACTIVE, then the rest
+        code = _run_or_print(cmds[:1], dry_run)
+        if dry_run:
+            print(f"# wait until queued resource {name}-qr is ACTIVE (at most {queued_timeout:.0f} s)")
+        elif code == 0:
+            wait_active(name, zone, project, queued_timeout)
+        cmds = cmds[1:] if code == 0 else []
+        if code:
+            return code
     return _run_or_print(cmds, dry_run)
+
+
+def sync_tpu(name: str, zone: str, project: Optional[str], dry_run: bool) -> int:
+    """Copy this project to every worker of an existing TPU and install it there (what `run_tpu` does
+    before its command; `ar-lm sweep --launcher tpu` does it once per slice before placing points)."""
+    if not dry_run:
+        require(_which("gcloud"), "gcloud is not installed: install the Google Cloud SDK or use --dry-run")
+    return _run_or_print(tpu_commands([], name, zone, "", "", project, False, False, exists=True)[:-1], dry_run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +221,7 @@ def settings_from_env() -> dict:
     """Launcher settings from AR_LM_TPU_* / AR_LM_GCP_PROJECT / AR_LM_SLURM_* (the options' defaults)."""
     env = os.environ.get
     return {"name": env("AR_LM_TPU_NAME"), "zone": env("AR_LM_TPU_ZONE"), "accelerator": env("AR_LM_TPU_TYPE"),
-            "version": env("AR_LM_TPU_VERSION", "v2-alpha-tpuv5-lite"), "project": env("AR_LM_GCP_PROJECT"),
+            "version": env("AR_LM_TPU_VERSION"), "project": env("AR_LM_GCP_PROJECT"),
             "nodes": int(env("AR_LM_SLURM_NODES", 1)), "gpus_per_node": int(env("AR_LM_SLURM_GPUS", 8)),
             "partition": env("AR_LM_SLURM_PARTITION")}
 
@@ -216,13 +237,6 @@ def launch_command(ns) -> int:
     if ns.launcher == "local":
         return run_local(args, ns.processes, ns.devices_per_process, ns.timeout, ns.dry_run)
     if ns.launcher == "tpu":
-        return run_tpu(args, ns.name, ns.zone, ns.accelerator, ns.version, ns.project, ns.spot, ns.queued, ns.dry_run)
+        return run_tpu(args, ns.name, ns.zone, ns.accelerator, ns.version, ns.project, ns.spot, ns.queued, ns.dry_run,
+                       ns.queued_timeout)
     return run_slurm(args, ns.nodes, ns.gpus_per_node, ns.partition, ns.time, ns.job_name, ns.dry_run)
-
-
-def sweep_commands(launcher: str, experiment: str, sweep_dir: Path, dry_run: bool) -> int:
-    """`ar-lm sweep --launcher tpu|slurm`: run the whole sweep remotely (its runs one after another
-    on all hosts), with the launcher's settings from AR_LM_TPU_* / AR_LM_SLURM_* variables."""
-    ns = argparse.Namespace(launcher=launcher, dry_run=dry_run, **DEFAULTS, **settings_from_env(),
-                            cmd_args=["sweep", experiment, "--sweep-dir", os.path.relpath(sweep_dir)])
-    return launch_command(ns)

@@ -24,9 +24,12 @@ from ar_lm.io import cpu_cores
 
 
 def _on_tpu_pod() -> bool:
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")) and "," in os.environ.get(
-        "TPU_WORKER_HOSTNAMES", ","
-    )
+    """A multi-host TPU slice's worker, unless this process was given a sub-host chip subset
+    (TPU_PROCESS_BOUNDS=1,1,1: one process, see `ar_lm.parallel.tpu.chip_subset_env`)."""
+    if os.environ.get("TPU_PROCESS_BOUNDS") == "1,1,1":
+        return False
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or (not hosts and bool(os.environ.get("CLOUD_TPU_TASK_ID")))
 
 
 def _under_slurm() -> bool:

@@ -10,20 +10,16 @@ check), `plots`, `compare` (`ar-lm compare`). Imports the base layer, `ar_lm.mod
 Experiment files import the sweep definitions from here: ``from ar_lm.scaling import Sweep, ...``.
 """
 
-from ar_lm.scaling.sweeps import (
-                                  DataSpec,
-                                  ShapeRule,
-                                  Sweep,
-                                  SweepPoint,
-                                  compute_optimal_point,
-                                  grid_sweep,
-                                  isoflop_sweep,
-                                  ladder,
-                                  ladder_model,
-                                  lr_sweep,
-                                  wsd_compute,
-                                  wsd_sweep,
-)
-
 __all__ = ["DataSpec", "ShapeRule", "Sweep", "SweepPoint", "compute_optimal_point", "grid_sweep", "isoflop_sweep",
            "ladder", "ladder_model", "lr_sweep", "wsd_compute", "wsd_sweep"]
+
+
+def __getattr__(name: str):
+    """The sweep definitions of `ar_lm.scaling.sweeps`, imported on first use (PEP 562), so that what
+    only needs a submodule (a Ray or Slurm task reading `status.py`, `ar-lm sweep --status`) does not
+    import the model and fit code."""
+    if name in __all__:
+        from ar_lm.scaling import sweeps
+
+        return getattr(sweeps, name)
+    raise AttributeError(f"module 'ar_lm.scaling' has no attribute {name!r}")

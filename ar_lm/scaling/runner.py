@@ -2,15 +2,18 @@
 
     SWEEP_DIR/sweep.json         n_kind (which N the fits use) and the points (name, coordinates, config file)
     SWEEP_DIR/points/<name>.json each point's resolved config
-    SWEEP_DIR/runs/<name>/       each point's run directory
-    SWEEP_DIR/status.json        per point: done | failed (with the error) | pending
+    SWEEP_DIR/runs/<name>/       each point's run directory (runs/.replaced/: runs whose config changed)
+    SWEEP_DIR/logs/<name>.log    each point's output, every attempt appended
+    SWEEP_DIR/status.json        per point: pending | submitted | running | done | failed (`scaling/status.py`)
     SWEEP_DIR/summary.csv        N, D, C, final val loss (and its standard error), perplexity, bits per byte,
                                  epochs of the train split, wall time, MFU
     SWEEP_DIR/fit/               fit.json and plots (`ar-lm fit`), holdout.json
 
 Each run is its own process (`python -m ar_lm train POINT.json --run-dir ...`), so one failing run
-never stops the others. Re-running the command skips finished runs (their summary.json exists),
-resumes interrupted ones from their checkpoints, and retries failed ones.
+never stops the others; `--executor` says where the processes run (`scaling/executors.py`: this
+machine, one at a time or packed side by side; Ray tasks; Slurm arrays). Re-running the command skips
+finished runs (their summary.json exists and their config is the point's), runs again those whose
+config changed, resumes interrupted ones from their checkpoints, and retries failed ones.
 """
 
 from __future__ import annotations
@@ -19,10 +22,7 @@ import csv
 import dataclasses
 import fnmatch
 import io
-import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,10 +31,24 @@ from typing import Optional
 from ar_lm.config import load_experiment_module, load_json, save_json
 from ar_lm.data.prepare import make_dataset
 from ar_lm.errors import require
-from ar_lm.io import atomic_write_json, atomic_write_text
-from ar_lm.parallel.launch import sweep_commands
+from ar_lm.io import atomic_write_text, locked_json_update
+from ar_lm.parallel.placement import check_fits
+from ar_lm.scaling.dispatch import (
+    ExecOptions,
+    check_options,
+    command_for,
+    device_pool,
+    devices_for,
+    preflight,
+    prepare_workers,
+    print_plan,
+)
+from ar_lm.scaling.executors import PointTask, run_local
 from ar_lm.scaling.holdout import fit_and_check
+from ar_lm.scaling.progress import LiveProgress, print_status
+from ar_lm.scaling.status import SweepStatus, config_sha
 from ar_lm.scaling.sweeps import DataSpec, Sweep, SweepPoint, wsd_compute
+from ar_lm.scaling.wandb_sweep import log_sweep_run
 from ar_lm.training import rundir
 
 SUMMARY_FIELDS = ("name", "status", "N", "D", "C", "val_loss", "val_loss_se", "val_perplexity", "val_bits_per_byte",
@@ -82,20 +96,19 @@ def _point_config(point: SweepPoint, sweep: Sweep, sweep_dir: Path, data_dir: Pa
                                logging=logging, train=train)
 
 
-def train_command(config_path: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "ar_lm", "train", str(config_path), "--run-dir", str(run_dir)]
-
-
 class SweepRunner:
-    def __init__(self, sweep: Sweep, sweep_dir: Path, data_dir: Path):
+    """A sweep directory's points: their configs, which are done, and running the rest with an executor."""
+
+    def __init__(self, sweep: Sweep, sweep_dir: Path, data_dir: Path, opts: Optional[ExecOptions] = None):
         self.sweep = sweep
         self.dir = sweep_dir
         self.data_dir = data_dir
-        self.status_path = sweep_dir / "status.json"
-        try:
-            self.status = json.loads(self.status_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            self.status = {}
+        self.opts = opts or ExecOptions()
+        self.store = SweepStatus(sweep_dir / "status.json")
+
+    @property
+    def status(self) -> dict:
+        return self.store.read()
 
     def run_dir(self, name: str) -> Path:
         return self.dir / "runs" / name
@@ -105,71 +118,103 @@ class SweepRunner:
 
     def write_points(self, points) -> None:
         """Write each point's config and add (or update) it in sweep.json, keeping the others."""
-        try:
-            listing = json.loads((self.dir / "sweep.json").read_text())["points"]
-        except (OSError, json.JSONDecodeError, KeyError):
-            listing = []
-        by_name = {entry["name"]: entry for entry in listing}
         for p in points:
             save_json(_point_config(p, self.sweep, self.dir, self.data_dir), self.config_path(p.name))
-            by_name[p.name] = {"name": p.name, "coords": p.coords, "config": str(self.config_path(p.name))}
-        atomic_write_json(self.dir / "sweep.json",
-                          {"name": self.sweep.name, "n_kind": self.sweep.n_kind, "points": list(by_name.values())})
+
+        def add(listing: dict) -> None:
+            by_name = {entry["name"]: entry for entry in listing.get("points", [])}
+            for p in points:
+                by_name[p.name] = {"name": p.name, "coords": p.coords, "config": str(self.config_path(p.name))}
+            listing.update(name=self.sweep.name, n_kind=self.sweep.n_kind, points=list(by_name.values()))
+
+        locked_json_update(self.dir / "sweep.json", add)
 
     def is_done(self, name: str) -> bool:
-        """Finished, with the config the sweep asks for now (a point whose function changed since it ran is
-        run again, and its run directory refuses, naming what differs)."""
+        """Finished with the config the sweep asks for now: the same config file (by hash), or one that
+        differs only in what does not change the function (logging, speed settings)."""
         summary = rundir.read_summary(self.run_dir(name))
         if not (summary and summary.get("finished")):
             return False
-        ran, wanted = rundir.load_run_config(self.run_dir(name)), load_json(self.config_path(name))
-        return not rundir.function_differences(ran, wanted, trained=True)
-
-    def _set_status(self, name: str, **fields) -> None:
-        self.status[name] = {**self.status.get(name, {}), **fields}
-        atomic_write_json(self.status_path, self.status)
-
-    def run_point(self, point: SweepPoint) -> bool:
-        cmd = train_command(self.config_path(point.name), self.run_dir(point.name))
-        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(self.dir / ".jax_cache"))
-        self._set_status(point.name, state="running", started=time.time())
-        log_path = self.dir / "logs" / f"{point.name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode == 0 and self.is_done(point.name):
-            self._set_status(point.name, state="done", error=None, finished=time.time())
+        sha = config_sha(self.config_path(name))
+        if self.store.get(name).get("config_sha") == sha:
             return True
-        error = _last_error(log_path) or f"exit status {proc.returncode}"
-        self._set_status(point.name, state="failed", error=error, exit_status=proc.returncode, finished=time.time())
-        return False
+        ran, wanted = rundir.load_run_config(self.run_dir(name)), load_json(self.config_path(name))
+        if rundir.function_differences(ran, wanted, trained=True):
+            return False
+        self.store.update(name, config_sha=sha)
+        return True
+
+    def _replace_changed(self, points) -> None:
+        """Points that finished with a config the sweep no longer asks for (and the branches of such a
+        trunk) are run again: one line each, the old run kept in runs/.replaced/."""
+        changed = set()
+        for p in points:
+            run = self.run_dir(p.name)
+            summary = rundir.read_summary(run)
+            trunk = p.config.train.branch_of
+            if not (summary and summary.get("finished")) or (self.is_done(p.name) and trunk not in changed):
+                continue
+            differ = rundir.function_differences(rundir.load_run_config(run), load_json(self.config_path(p.name)),
+                                                 trained=True)
+            what = ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in differ[:3]) or f"its trunk {trunk} changed"
+            old = self.dir / "runs" / ".replaced" / f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            old.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(run, old)
+            changed.add(p.name)
+            print(f"[sweep] {p.name}: its config changed since it finished ({what}): running it again "
+                  f"(the old run is in {old})", file=sys.stderr, flush=True)
+
+    def tasks(self, points, pool) -> list[PointTask]:
+        # one compilation cache for the sweep's runs, unless the caller's $JAX_COMPILATION_CACHE_DIR is set
+        env = (("JAX_COMPILATION_CACHE_DIR", os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(self.dir / ".jax_cache")),)
+        names = {p.name for p in self.sweep.points}
+        return [PointTask(p.name, str(self.config_path(p.name)), str(self.run_dir(p.name)),
+                          str(self.dir / "logs" / f"{p.name}.log"), str(self.store.path),
+                          config_sha(self.config_path(p.name)), devices_for(p.config, _run_flops(p), self.opts, pool),
+                          _run_flops(p), tuple(a for a in (p.config.train.branch_of,) if a in names), env)
+                for p in points]
 
     def run(self, points, show_progress: bool = True) -> dict:
+        """Run the points that are not done with the sweep's executor; {"done": k, "failed": k}."""
+        self._replace_changed(points)
         todo = []
         for p in points:  # is_done reads the run's summary and both configs: once per point
             if self.is_done(p.name):
-                self._set_status(p.name, state="done", error=None)
+                self.store.update(p.name, state="done", error=None)
             else:
+                self.store.update(p.name, state="pending")
                 todo.append(p)
-        done = len(points) - len(todo)
-        failed = 0
-        seconds_per_flop, t0, flops_run = None, time.time(), 0.0
-        for p in todo:
-            if show_progress:
-                remaining = sum(_run_flops(q) for q in todo[todo.index(p):])
-                eta = f"{remaining * seconds_per_flop / 60:.1f} min" if seconds_per_flop else "?"
-                print(f"[sweep] {done}/{len(points)} done, 1 running ({p.name}: N={p.coords['N']:,} "
-                      f"D={p.coords['D']:,} C={p.coords['C']:.3g}), {failed} failed, ETA {eta}", file=sys.stderr, flush=True)
-            ok = self.run_point(p)
-            flops_run += _run_flops(p)
-            seconds_per_flop = (time.time() - t0) / flops_run
-            done += ok
-            failed += not ok
-            if not ok:
-                print(f"[sweep] {p.name} failed: {self.status[p.name]['error']}", file=sys.stderr, flush=True)
-        if show_progress:
-            print(f"[sweep] {done}/{len(points)} done, {failed} failed", file=sys.stderr, flush=True)
-        return {"done": done, "failed": failed}
+        pool = device_pool(self.opts)
+        tasks = self.tasks(todo, pool)
+        done_before = frozenset(p.name for p in points if p not in todo) | frozenset(
+            n for n, s in self.status.items() if s.get("state") == "done")
+        progress = LiveProgress(self.dir, pool.total, enabled=show_progress and self.opts.progress)
+        try:
+            result = self._execute(tasks, pool, done_before, progress.tick)
+        finally:
+            progress.tick(force=True)
+            progress.close()
+        for t in tasks:
+            s = self.store.get(t.name)
+            if s.get("state") == "failed":
+                print(f"[sweep] {t.name} failed: {s.get('error')}", file=sys.stderr, flush=True)
+        return {"done": len(points) - len(todo) + result["done"], "failed": result["failed"]}
+
+    def _execute(self, tasks, pool, done_before, tick) -> dict:
+        if not tasks:
+            return {"done": 0, "failed": 0}
+        if self.opts.executor == "ray":
+            from ar_lm.scaling.ray_executor import run_ray
+
+            return run_ray(tasks, self.opts.ray_address, self.opts.max_concurrent, self.opts.max_retries, tick)
+        if self.opts.executor == "slurm":
+            from ar_lm.scaling.slurm_executor import run_slurm
+
+            return run_slurm(tasks, self.dir / "slurm", self.sweep.name, self.opts.slurm_cluster,
+                             self.opts.slurm_partition, self.opts.slurm_time_min, self.opts.max_concurrent,
+                             self.opts.slurm_gpu, tick)
+        prepare_workers(self.opts, dry_run=False)
+        return run_local(tasks, pool, self.opts.max_concurrent, command_for(self.opts, pool), tick, done_before)
 
     def summary_rows(self, points) -> list[dict]:
         rows = []
@@ -197,12 +242,6 @@ def _run_flops(p: SweepPoint) -> float:
     return p.coords.get("C_run", p.coords["C"])
 
 
-def _last_error(log_path: Path) -> str:
-    lines = [l for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("error:")]
-    return (errors[-1] if errors else lines[-1] if lines else "")[:500]
-
-
 def warn_repeats(rows: list[dict]) -> list[str]:
     """One stderr line per point that trained on more than one epoch of its train split (returned too)."""
     lines = [f"[sweep] warning: {r['name']} repeats its train split ({r['epochs']:.2f} epochs)"
@@ -226,27 +265,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Optional[str] = None, launcher: str = "local",
-              dry_run: bool = False, only: Optional[str] = None, fit: bool = True) -> int:
+def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Optional[str] = None,
+              opts: Optional[ExecOptions] = None, dry_run: bool = False, only: Optional[str] = None,
+              fit: bool = True) -> int:
+    opts = opts or ExecOptions()
+    check_options(opts)
     sweep = load_sweep(experiment)
     out = Path(sweep_dir or Path("sweeps") / sweep.name).absolute()
     points = [p for p in sweep.points if not only or fnmatch.fnmatch(p.name, only)]
     require(points, f"--only {only!r} matches no point of the sweep ({', '.join(p.name for p in sweep.points[:5])}, ...)")
-    if launcher != "local":
-        return sweep_commands(launcher, experiment, out, dry_run)
     if dry_run:
-        data = Path(data_dir).absolute() if data_dir else out / "data"
-        for p in points:
-            cmd = train_command(out / "points" / f"{p.name}.json", out / "runs" / p.name)
-            print(f"# {p.name}: N={p.coords['N']:,} D={p.coords['D']:,} C={p.coords['C']:.4g} "
-                  f"layers={p.config.model.n_layers} d_model={p.config.model.d_model} steps={p.config.total_steps}")
-            print(shlex.join(cmd))
-        print(f"# data: {data}")
-        return 0
+        return _dry_run(sweep, points, out, data_dir, opts)
+    preflight(opts)
+    pool = device_pool(opts)
+    if opts.executor == "local":  # a point that needs more devices than there are: an error before anything runs
+        check_fits({p.name: devices_for(p.config, _run_flops(p), opts, pool) or pool.largest for p in points}, pool)
     out.mkdir(parents=True, exist_ok=True)
-    with rundir.RunLock(out):
+    with rundir.RunLock(out):  # the coordinator's; each point's run holds its own run directory's lock
         data = ensure_data(sweep, out, data_dir)
-        runner = SweepRunner(sweep, out, data)
+        runner = SweepRunner(sweep, out, data, opts)
         runner.write_points(sweep.points)
         t0 = time.time()
         result = runner.run(points)
@@ -260,10 +297,36 @@ def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Option
         print(f"[sweep] summary written to {out / 'summary.csv'} ({time.time() - t0:.0f} s)", file=sys.stderr)
         if fit and not only:
             fit_and_check(sweep, runner, out)
+            log_sweep_run(sweep, out, rows)
     return 0 if result["failed"] == 0 else 1
+
+
+def _dry_run(sweep: Sweep, points, out: Path, data_dir: Optional[str], opts: ExecOptions) -> int:
+    """The points and, for the executor, what would run where (nothing is written)."""
+    pool = device_pool(opts)
+    runner = SweepRunner(sweep, out, Path(data_dir).absolute() if data_dir else out / "data", opts)
+    for p in points:
+        print(f"# {p.name}: N={p.coords['N']:,} D={p.coords['D']:,} C={p.coords['C']:.4g} "
+              f"layers={p.config.model.n_layers} d_model={p.config.model.d_model} steps={p.config.total_steps}")
+    names = {p.name for p in sweep.points}
+    tasks = [PointTask(p.name, str(runner.config_path(p.name)), str(runner.run_dir(p.name)), "", "", "",
+                       devices_for(p.config, _run_flops(p), opts, pool), _run_flops(p),
+                       tuple(a for a in (p.config.train.branch_of,) if a in names)) for p in points]
+    print_plan(tasks, opts, pool, out)
+    print(f"# data: {runner.data_dir}")
+    return 0
 
 
 def sweep_command(args) -> int:
     """`ar-lm sweep EXPERIMENT.py [...]`: exit status 1 when any point failed."""
-    return run_sweep(args.experiment, args.sweep_dir, args.data, args.launcher, args.dry_run, args.only,
-                     not args.no_fit)
+    if args.status:
+        sweep = load_sweep(args.experiment)
+        return print_status(Path(args.sweep_dir or Path("sweeps") / sweep.name).absolute())
+    tpu = {"name": args.tpu_name, "zone": args.tpu_zone, "accelerator": args.tpu_accelerator,
+           "project": args.tpu_project}
+    opts = ExecOptions(executor=args.executor, launcher=args.launcher, max_concurrent=args.max_concurrent,
+                       max_retries=args.max_retries, ray_address=args.ray_address, devices=args.devices,
+                       flops_per_device=args.flops_per_device, slurm_cluster=args.slurm_cluster,
+                       slurm_partition=args.slurm_partition or "", slurm_time_min=args.slurm_time,
+                       slurm_gpu=not args.slurm_cpu, tpu=tpu)
+    return run_sweep(args.experiment, args.sweep_dir, args.data, opts, args.dry_run, args.only, not args.no_fit)

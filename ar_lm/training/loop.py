@@ -196,6 +196,8 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds
         if start is not None:
             state, data_state = _restore(cfg, run_dir, ckpt, start, tx, shardings, mesh, rules)
             data_iter.set_state(data_state)
+            if jax.process_index() == 0:
+                print(f"[train] resuming from the checkpoint at step {start}", file=sys.stderr, flush=True)
         else:
             start = 0
             state = init_state(cfg, tx, shardings, jax.random.key(cfg.train.seed))
@@ -335,6 +337,7 @@ def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, fi
         "epochs": final_step * tokens_per_step / run.train_split_tokens,  # tokens / train split tokens
         "flops": fpt * final_step * tokens_per_step,
         "wall_time_s": time.time() - t_start,
+        "devices": jax.device_count(),
         "time_to_first_step_s": first_step_time,
         "first_step_s": log.first_step_s,
         "mfu": (log.timed_steps * tokens_per_step * fpt / run.peak_flops / log.train_time

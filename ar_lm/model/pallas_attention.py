@@ -1,0 +1,78 @@
+"""Causal self-attention with a Pallas kernel: JAX's splash attention (TPU), or its interpreter elsewhere.
+
+Splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) is JAX's TPU kernel for
+FlashAttention (Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with
+IO-Awareness"): queries and keys go through the kernel in blocks with an online softmax (running max and
+sum in float32), so no [L, L] score matrix is ever materialised, and with a causal mask the blocks above
+the diagonal are skipped outright. Its backward pass is a Pallas kernel too (dq, then dk/dv), recomputing the scores block by
+block from the saved log-sum-exp. Off TPU the same kernel runs in Pallas interpret mode (correct, slow):
+that is how the tests check it on CPU.
+
+Shapes are in names: B batch, L length, H query heads, K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from ar_lm.errors import require
+
+Array = jax.Array
+
+# the kernel's key blocks are whole multiples of the TPU's 128 vector lanes (it checks this even when
+# interpreted): other lengths are padded up to a multiple of 128
+MIN_BLOCK = splash.NUM_LANES
+BLOCKS = (512, 256, 128)  # largest first; 512 is MaxText's splash default, 128 JAX's (not tuned here)
+
+
+def padded_length(length: int) -> int:
+    """`length` rounded up to a multiple of 128. Padding a causal attention at the end is exact: a real
+    query (position < L) never sees a padded key (position >= L), and the padded rows are dropped."""
+    return -(-length // MIN_BLOCK) * MIN_BLOCK
+
+
+def block_size(length: int) -> int:
+    """The query and key block of the kernel: the largest of 512, 256, 128 that divides `length`."""
+    return next(b for b in BLOCKS if length % b == 0)
+
+
+def splash_kernel(heads: int, length: int, interpret: bool):
+    """A splash-attention kernel for `heads` query heads over [length, Dh] with a causal mask, the same
+    block size for the forward, dq and dk/dv passes. Grouped-query heads need no repeat: the kernel maps
+    query head h to kv head h // (heads / kv heads)."""
+    b = block_size(length)
+    blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                               block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length)) for _ in range(heads)])
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def pallas_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, interpret: bool | None = None) -> Array:
+    """Causal self-attention over positions 0..L-1 by the splash-attention kernel: the contract of
+    `ar_lm.model.attention.causal_attention` (kv head h // G for query head h, scale 1/sqrt(Dh) applied
+    here, scores and softmax in float32 inside the kernel, output in q's dtype).
+
+    `interpret` None: the compiled kernel on TPU, Pallas interpret mode on any other backend. A length
+    that is not a multiple of 128 is padded up to one (see `padded_length`).
+    """
+    b, l, h, dh = q_BxLxHxDh.shape
+    kh = k_BxLxKxDh.shape[2]
+    require(not h % kh and k_BxLxKxDh.shape == v_BxLxKxDh.shape and k_BxLxKxDh.shape[:2] == (b, l)
+            and k_BxLxKxDh.shape[3] == dh,
+            f"model.attention=pallas cannot take q {q_BxLxHxDh.shape}, k {k_BxLxKxDh.shape}, v {v_BxLxKxDh.shape} "
+            "(it needs [B, L, H, Dh] queries and [B, L, K, Dh] keys and values with K dividing H): "
+            "use model.attention=xla")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    lp = padded_length(l)
+    kernel = splash_kernel(h, lp, interpret)
+
+    def heads_first(x_BxLxNxDh):  # the kernel takes one sequence, heads first: [H, L, Dh], [K, L, Dh]
+        return jnp.pad(x_BxLxNxDh, ((0, 0), (0, lp - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    q_BxHxLxDh = heads_first((q_BxLxHxDh * dh**-0.5).astype(q_BxLxHxDh.dtype))  # the kernel applies no scale
+    out_BxHxLxDh = jax.vmap(kernel)(q_BxHxLxDh, heads_first(k_BxLxKxDh), heads_first(v_BxLxKxDh))
+    return out_BxHxLxDh[:, :, :l].transpose(0, 2, 1, 3).astype(q_BxLxHxDh.dtype)
