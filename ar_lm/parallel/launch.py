@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ar_lm.errors import UserError, require
-from ar_lm.parallel.tpu import runtime_version, wait_active
+from ar_lm.parallel.tpu import remote_ar_lm, runtime_version, ssh_command, wait_active
 
 REMOTE_DIR = "~/ar_lm"
 
@@ -111,15 +111,13 @@ def tpu_commands(args: list[str], name: str, zone: str, accelerator: str, versio
         else:
             cmds.append(["gcloud", "compute", "tpus", "tpu-vm", "create", name, f"--zone={zone}",
                          f"--accelerator-type={accelerator}", f"--version={version}", *(["--spot"] if spot else []), *proj])
-    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, f"--zone={zone}", "--worker=all", *proj]
     archive = "/tmp/ar_lm_project.tar.gz"
     cmds.append(["tar", "czf", archive, "--exclude=.venv", "--exclude=runs", "--exclude=sweeps", "--exclude=data",
                  "--exclude=.git", "."])
     cmds.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{name}:/tmp/", f"--zone={zone}", "--worker=all", *proj])
-    cmds.append([*ssh, "--command",
-                 f"mkdir -p {REMOTE_DIR} && tar xzf {archive} -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
-                 "pip install -q -e . 'jax[tpu]'"])
-    cmds.append([*ssh, "--command", f"cd {REMOTE_DIR} && python3 -m ar_lm {shlex.join(args)}"])
+    cmds.append(ssh_command(name, zone, project, "all", f"mkdir -p {REMOTE_DIR} && tar xzf {archive} -C {REMOTE_DIR} "
+                            f"&& cd {REMOTE_DIR} && pip install -q -e . 'jax[tpu]'"))
+    cmds.append(ssh_command(name, zone, project, "all", remote_ar_lm(args, {}, REMOTE_DIR)))
     return cmds
 
 
@@ -137,13 +135,13 @@ def run_tpu(args: list[str], name: str, zone: str, accelerator: str, version: Op
     cmds = tpu_commands(args, name, zone, accelerator, version, project, spot, queued, exists)
     if queued and not exists:  # create, wait for ACTIVE, then the rest
         code = _run_or_print(cmds[:1], dry_run)
-        if dry_run:
-            print(f"# wait until queued resource {name}-qr is ACTIVE (at most {queued_timeout:.0f} s)")
-        elif code == 0:
-            wait_active(name, zone, project, queued_timeout)
-        cmds = cmds[1:] if code == 0 else []
         if code:
             return code
+        if dry_run:
+            print(f"# wait until queued resource {name}-qr is ACTIVE (at most {queued_timeout:.0f} s)")
+        else:
+            wait_active(name, zone, project, queued_timeout)
+        cmds = cmds[1:]
     return _run_or_print(cmds, dry_run)
 
 

@@ -22,6 +22,7 @@ from typing import Optional
 
 from ar_lm.errors import require
 from ar_lm.io import cpu_cores
+from ar_lm.parallel.tpu import CHIP_BOUNDS, chip_subset_env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,19 +143,22 @@ def pack(needs: dict[str, int], cost: dict[str, float], pool: Pool, max_concurre
     return plan
 
 
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """A JAX process on `devices` fake host CPU devices."""
+    return {"JAX_NUM_CPU_DEVICES": str(max(1, devices)), "JAX_PLATFORMS": "cpu"}
+
+
 def subset_env(pool: Pool, placement: Placement, port: int = 8476) -> dict[str, str]:
     """What a process needs in its environment to see only its devices: fake host devices on CPU
     (JAX_NUM_CPU_DEVICES), CUDA_VISIBLE_DEVICES on GPU, a TPU chip subset (`tpu.chip_subset_env`)."""
     if pool.kind == "cpu":
-        return {"JAX_NUM_CPU_DEVICES": str(len(placement.devices)), "JAX_PLATFORMS": "cpu"}
+        return cpu_devices_env(len(placement.devices))
     if placement.host is None or len(placement.devices) == pool.devices_per_host:
         return {}
     if pool.kind == "gpu":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
         ids = [visible[d] if len(visible) == pool.devices_per_host else str(d) for d in placement.devices]
         return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}
-    from ar_lm.parallel.tpu import chip_subset_env
-
     return chip_subset_env(placement.devices, pool.chip_bounds, port)
 
 
@@ -177,5 +181,5 @@ def local_pool(devices: Optional[int] = None) -> Pool:
     if devices:
         require(kind == "cpu" or devices <= count, f"--devices {devices}: this machine has {count} {kind} devices")
         count = devices
-    bounds = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}.get(count, "") if kind == "tpu" else ""
+    bounds = CHIP_BOUNDS.get(count, "") if kind == "tpu" else ""
     return Pool(kind, (("",),), count, bounds)

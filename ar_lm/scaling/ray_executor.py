@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from ar_lm.errors import UserError, require
 from ar_lm.io import cpu_cores
+from ar_lm.parallel.placement import cpu_devices_env
 from ar_lm.scaling.executors import PointTask, execute, largest_first
 from ar_lm.scaling.status import SweepStatus
 
@@ -65,7 +66,7 @@ def _run_point(task: PointTask, kind: str, *waited_for: int) -> int:
         SweepStatus(task.status).update(task.name, state="failed",
                                         error=f"error: it waits for {', '.join(task.after)}, which failed")
         return 1
-    env = {"JAX_NUM_CPU_DEVICES": str(max(1, task.devices)), "JAX_PLATFORMS": "cpu"} if kind == "cpu" else {}
+    env = cpu_devices_env(task.devices) if kind == "cpu" else {}
     return execute(task, env=env, where=f"ray:{kind}x{max(1, task.devices)}")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ar_lm.errors import UserError
+from ar_lm.parallel.placement import cpu_devices_env
 from ar_lm.scaling.executors import PointTask, finish, largest_first, launch
 from ar_lm.scaling.status import SweepStatus
 
@@ -38,7 +39,7 @@ class PointJob(Checkpointable):
         self.proc = None
 
     def __call__(self, task: PointTask, cpu: bool) -> int:
-        env = {"JAX_NUM_CPU_DEVICES": str(max(1, task.devices)), "JAX_PLATFORMS": "cpu"} if cpu else {}
+        env = cpu_devices_env(task.devices) if cpu else {}
         self.proc = launch(task, env=env, where=f"slurm:{_job_id()}", die_with_parent=True)
         code = self.proc.wait()
         finish(task, code)
