@@ -11,7 +11,7 @@ import sys
 
 from ar_lm.errors import EXIT_FAILURE, EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError
 
-COMPILING = ("train", "cooldown", "eval", "generate")  # commands that keep JAX's persistent compilation cache
+COMPILING = ("train", "cooldown", "eval", "generate", "lm-eval")  # they keep JAX's persistent compilation cache
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,12 +21,23 @@ class _Parser(argparse.ArgumentParser):
 
 def _prepare(p) -> None:
     p.add_argument("--source", choices=("stdlib", "files", "synthetic"), required=True)
-    p.add_argument("--files", nargs="*", default=[], help="files, globs or directories (.txt/.jsonl/.parquet)")
+    p.add_argument("--files", nargs="*", default=[], help="files, globs or directories (.txt/.jsonl/.parquet); "
+                   "with --val-files: the train split")
+    p.add_argument("--val-files", nargs="*", default=[], help="the val split's files (no hash split then)")
+    p.add_argument("--test-files", nargs="*", default=[], help="a test split's files")
     p.add_argument("--tokenizer", choices=("sentencepiece", "byte", "char"), default="byte")
+    p.add_argument("--tokenizer-from", metavar="DATA_DIR", help="use this dataset's tokenizer instead of training "
+                   "one (the same tokens: e.g. for data.eval_sets); --files may then be left out")
     p.add_argument("--vocab-size", type=int, default=0, help="sentencepiece (required) or char (cap)")
     p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--max-mb", type=float, default=0.0, help="stop reading the source after this many MB (default 0: all)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents hashed to val "
+                   "(without --val-files)")
+    p.add_argument("--max-mb", type=float, default=0.0, help="stop reading the (train) source after this many MB "
+                   "(default 0: all)")
+    p.add_argument("--buffer-mb", type=float, default=64.0, help="text held in memory at once while tokenizing "
+                   "(peak memory: the interpreter's + at most twice this)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default 0: one per core for corpora over 4 M characters, "
+                   "except with the byte tokenizer; 1: this process)")
     p.add_argument("--out", required=True, help="dataset directory to create (must not exist or be empty)")
     p.add_argument("--synthetic-tokens", type=int, default=2_000_000, help="synthetic: train tokens")
     p.add_argument("--synthetic-vocab", type=int, default=32, help="synthetic: symbols")
@@ -63,7 +74,14 @@ def _cooldown(p) -> None:
 def _eval(p) -> None:
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset directory (default: the run's own)")
-    p.add_argument("--tokens", type=int, help="val tokens to evaluate (default: train.eval_tokens; 0: all, up to the cap)")
+    p.add_argument("--split", default="val", help="split to score: val (default) or test")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--all", action="store_true", help="score the whole split in strided windows (the default)")
+    scope.add_argument("--batches", type=int, help="score N batches of the seeded window subset training evaluates")
+    scope.add_argument("--tokens", type=int, help="score T tokens of the seeded window subset (0: up to the cap)")
+    p.add_argument("--stride", type=int, help="whole split: window stride S <= data.seq_len (default seq_len); "
+                   "every token is scored once with >= seq_len - S tokens of context")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _sweep(p) -> None:
@@ -96,6 +114,10 @@ def _sweep(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the points and what would run where, run nothing")
     p.add_argument("--only", help="run only points whose name matches this glob (no fit)")
     p.add_argument("--no-fit", action="store_true", help="skip the fit, plots and held-out runs")
+    p.add_argument("--lm-eval-tasks", help="lm-eval tasks (comma-separated) to run on each finished point once; "
+                   "their metrics become summary.csv columns lm_eval/<task>/<metric> (needs ar_lm[eval])")
+    p.add_argument("--lm-eval-include-path", help="folder of local lm-eval task YAML files")
+    p.add_argument("--lm-eval-limit", type=int, help="at most N examples per task")
 
 
 def _fit(p) -> None:
@@ -172,6 +194,16 @@ def _generate(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON with tokens and log-probs instead of text")
 
 
+def _lm_eval(p) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--tasks", required=True, help="lm-eval task names (or globs) separated by commas")
+    p.add_argument("--include-path", help="folder of task YAML files (local tasks), searched before lm-eval's own")
+    p.add_argument("--limit", type=int, help="at most N examples per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--json", action="store_true", help="print the step and the metrics as JSON")
+
+
 def _import_hf(p) -> None:
     p.add_argument("hf_dir")
     p.add_argument("run_dir")
@@ -188,7 +220,8 @@ COMMANDS = {
     "train": ("train (or resume) an experiment", _train, "ar_lm.training.command", "train_command"),
     "cooldown": ("branch a WSD cooldown for budget D from a constant-lr trunk's checkpoint", _cooldown,
                  "ar_lm.training.command", "cooldown_command"),
-    "eval": ("evaluate a run's latest checkpoint; prints JSON", _eval, "ar_lm.training.evaluate", "eval_command"),
+    "eval": ("score a run's latest checkpoint on a split: loss, perplexity, bits per byte/char", _eval,
+             "ar_lm.training.evaluate", "eval_command"),
     "sweep": ("run an experiment's sweep (resumable), then fit and plot", _sweep, "ar_lm.scaling.runner",
               "sweep_command"),
     "fit": ("fit scaling laws to a sweep directory or a CSV of points", _fit, "ar_lm.scaling.report", "fit_command"),
@@ -200,6 +233,8 @@ COMMANDS = {
                "ar_lm.parallel.launch", "launch_command"),
     "generate": ("generate text from a run's latest checkpoint (streamed)", _generate, "ar_lm.decoding.command",
                  "generate_command"),
+    "lm-eval": ("run lm-evaluation-harness tasks on a run's latest checkpoint (needs ar_lm[eval])", _lm_eval,
+                "ar_lm.decoding.harness_command", "lm_eval_command"),
     "import-hf": ("import a Hugging Face GPT-2 / Llama directory as an ar_lm run", _import_hf, "ar_lm.interop.hf",
                   "import_hf_command"),
     "export-hf": ("export a run as a Hugging Face directory (config.json + safetensors)", _export_hf,

@@ -77,6 +77,8 @@ class DataConfig:
     batch_size: int = 16  # global batch, in sequences
     shuffle_seed: int = 0
     prefetch: int = 2  # batches prepared ahead on a background thread (0: none)
+    document_mask: bool = False  # attention stops at end-of-document tokens; positions restart per document
+    eval_sets: tuple[str, ...] = ()  # more validation sets, "name=DATA_DIR[:split]", evaluated at every eval
 
 
 @dataclasses.dataclass(frozen=True)

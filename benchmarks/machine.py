@@ -1,4 +1,5 @@
-"""How much of the machine a benchmark had: the share of CPU time the hypervisor stole during it.
+"""How much of the machine a benchmark had: the share of CPU time the hypervisor stole during it; and
+`ar_lm_cli`, how a benchmark runs an `ar-lm` command.
 
 On a shared virtual machine the host may run other guests on our cores ("steal" in /proc/stat); a run
 with a large steal share is slower for reasons outside the code, so every results file records it.
@@ -6,7 +7,19 @@ with a large steal share is slower for reasons outside the code, so every result
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+
+def ar_lm_cli(*args: str) -> str:
+    """`ar-lm ARGS` with wandb off; its stdout, or exit with its last error line."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "ar_lm", *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: ar-lm {' '.join(args)} exited {out.returncode}: {out.stderr.strip().splitlines()[-1:]}")
+    return out.stdout
 
 
 def _cpu_jiffies() -> tuple[int, int]:

@@ -46,11 +46,11 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory, corpus_dir) -> Path:
-    from ar_lm.data.dataset import write_dataset
-    from ar_lm.data.sources import file_documents
+    from ar_lm.data.sources import FileCorpus
+    from ar_lm.data.writer import write_dataset
 
     out = tmp_path_factory.mktemp("data") / "byte"
-    write_dataset(out, file_documents([str(corpus_dir)]), "byte", val_fraction=0.1)
+    write_dataset(out, FileCorpus([str(corpus_dir)]), "byte", val_fraction=0.1)
     return out
 
 

@@ -57,8 +57,8 @@ def test_end_to_end_subprocess(tmp_path, corpus_dir):
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
     assert list(cache.iterdir()), "the persistent compilation cache holds the compiled train step"
-    ev = subprocess.run([sys.executable, "-m", "ar_lm", "eval", str(run)], check=True, env=env,
-                        capture_output=True, text=True)
+    ev = subprocess.run([sys.executable, "-m", "ar_lm", "eval", str(run), "--tokens", "256", "--json"], check=True,
+                        env=env, capture_output=True, text=True)  # training's eval budget: its windows
     result = json.loads(ev.stdout)
     assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     assert result["bits_per_byte"] > 0

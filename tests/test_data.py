@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ar_lm.config import EVAL_TOKENS_CAP
-from ar_lm.data.dataset import TokenDataset, write_dataset
+from ar_lm.data.dataset import TokenDataset
 from ar_lm.data.pipeline import TrainIterator, WindowSource, eval_batches, eval_window_indices, train_dataset
-from ar_lm.data.sources import file_documents, split_documents, stdlib_documents
+from ar_lm.data.sources import FileCorpus, split_of, stdlib_documents
+from ar_lm.data.writer import write_dataset
 from ar_lm.errors import UserError
 
 
@@ -27,21 +28,23 @@ def test_metadata_counts_and_round_trip(byte_data, corpus_dir):
         assert n_eos == meta["splits"][split]["documents"]
 
 
+def _val_names(corpus) -> set[str]:
+    return {d.name for d in corpus if split_of(d, 0.2) == "val"}
+
+
 def test_split_is_deterministic_and_order_independent(corpus_dir):
-    docs = file_documents([str(corpus_dir)])
-    a = split_documents(docs, 0.2)
-    b = split_documents(list(reversed(docs)), 0.2)
-    assert {d.name for d in a["val"]} == {d.name for d in b["val"]}
-    assert a["val"] and a["train"]
+    files = sorted(str(p) for p in corpus_dir.iterdir())
+    a, b = _val_names(FileCorpus(files)), _val_names(FileCorpus(list(reversed(files))))
+    assert a == b and a and a != {d.name for d in FileCorpus(files)}
 
 
 def test_a_corpus_splits_the_same_wherever_it_lies(tmp_path, corpus_dir):
     import shutil
 
     copy = shutil.copytree(corpus_dir, tmp_path / "elsewhere" / "corpus")
-    here, there = (split_documents(file_documents([str(d)]), 0.2) for d in (corpus_dir, copy))
-    assert [d.name for d in here["val"]] == [d.name for d in there["val"]] and here["val"]
-    assert here["val"][0].name.startswith("doc_")  # named relative to the inputs' common directory
+    here, there = (_val_names(FileCorpus([str(d)])) for d in (corpus_dir, copy))
+    assert here == there and here
+    assert all(n.startswith("doc_") for n in here)  # named relative to the inputs' common directory
 
 
 def test_stdlib_source_is_real_python():
@@ -58,13 +61,13 @@ def test_stdlib_source_is_real_python():
 def test_output_dir_not_overwritten(byte_data, corpus_dir):
     before = (byte_data / "metadata.json").read_bytes()
     with pytest.raises(UserError, match="already exists and is not empty"):
-        write_dataset(byte_data, file_documents([str(corpus_dir)]), "byte")
+        write_dataset(byte_data, FileCorpus([str(corpus_dir)]), "byte")
     assert (byte_data / "metadata.json").read_bytes() == before
 
 
 def test_corrupt_shard_is_named(tmp_path, corpus_dir):
     out = tmp_path / "d"
-    write_dataset(out, file_documents([str(corpus_dir)]), "byte", val_fraction=0.1)
+    write_dataset(out, FileCorpus([str(corpus_dir)]), "byte", val_fraction=0.1)
     TokenDataset(out)  # verifies and caches
     shard = out / "train_00000.bin"
     raw = bytearray(shard.read_bytes())
@@ -81,17 +84,17 @@ def test_bad_sources(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(UserError, match="hold no text"):
-        file_documents([str(empty)])
+        FileCorpus([str(empty)])
     binary = tmp_path / "blob.bin"
     binary.write_bytes(b"\x00\x01\x02" * 100)
     with pytest.raises(UserError, match="looks binary"):
-        file_documents([str(binary)])
+        FileCorpus([str(binary)])
     with pytest.raises(UserError, match="matches no file"):
-        file_documents([str(tmp_path / "nothing*.txt")])
+        FileCorpus([str(tmp_path / "nothing*.txt")])
     jl = tmp_path / "x.jsonl"
     jl.write_text('{"text": "hello"}\n{"txt": 1}\n')
     with pytest.raises(UserError, match="x.jsonl:2 has no string field 'text'"):
-        file_documents([str(jl)])
+        list(FileCorpus([str(jl)]))
 
 
 def test_windows_cover_shards_without_crossing():

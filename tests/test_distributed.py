@@ -60,8 +60,8 @@ def test_a_run_trained_on_8_devices_evaluates_on_2(tmp_path, byte_data):
     trained = train(cfg, tmp_path / "run")
     env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": "", "JAX_NUM_CPU_DEVICES": "2",
            "AR_LM_COMPILE_CACHE": "off"}
-    out = subprocess.run([sys.executable, "-m", "ar_lm", "eval", str(tmp_path / "run")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "ar_lm", "eval", str(tmp_path / "run"), "--tokens", "512", "--json"],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["loss"] == pytest.approx(trained.summary["val_loss"], rel=1e-5)

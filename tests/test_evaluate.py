@@ -46,13 +46,13 @@ def test_loss_se_matches_per_window_losses_and_shrinks_with_more_tokens(tmp_path
     assert len(val) == 2 and all(r["eval_tokens"] == 1024 and r["loss_se"] > 0 for r in val)
     assert val[-1]["loss_se"] == summary["val_loss_se"]
 
-    again = evaluate_run(tmp_path / "run")  # `ar-lm eval` reads the windows training evaluated
+    again = evaluate_run(tmp_path / "run", max_tokens=1024)  # training's budget: the windows it evaluated
     assert again["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
-    assert again["loss_se"] == pytest.approx(summary["val_loss_se"], rel=1e-5)
+    assert again["stderr"] == pytest.approx(summary["val_loss_se"], rel=1e-5)
     one = evaluate_run(tmp_path / "run", max_tokens=256)
     whole = evaluate_run(tmp_path / "run", max_tokens=0)
     assert (one["eval_tokens"], whole["eval_tokens"]) == (256, n_val // 8 * 8 * 32)  # whole batches only
-    assert whole["loss_se"] < again["loss_se"] < one["loss_se"]
+    assert whole["stderr"] < again["stderr"] < one["stderr"]
 
     assert main(["eval", str(tmp_path / "run"), "--tokens", "-5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -178,7 +178,7 @@ def test_round_trip_import_eval_finetune_export(tmp_path, byte_data, capfd):
 
     cfg = load_json(run / "config.json")
     one_batch = cfg.data.batch_size * cfg.data.seq_len
-    assert main(["eval", str(run), "--data", str(byte_data), "--tokens", str(one_batch)]) == 0
+    assert main(["eval", str(run), "--data", str(byte_data), "--tokens", str(one_batch), "--json"]) == 0
     ours = json.loads(capfd.readouterr().out)["loss"]
     batches = eval_batches(TokenDataset(byte_data), cfg.data.seq_len, cfg.data.batch_size, one_batch, cfg.train.seed)
     assert len(batches) == 1

@@ -11,8 +11,9 @@ import pytest
 from conftest import tiny_config
 
 from ar_lm.config import MeshConfig
-from ar_lm.data.dataset import TokenDataset, unigram_entropy_bits, write_dataset
+from ar_lm.data.dataset import TokenDataset, unigram_entropy_bits
 from ar_lm.data.sources import stdlib_documents
+from ar_lm.data.writer import write_dataset
 from ar_lm.errors import UserError
 from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.training.loop import train

@@ -1,11 +1,12 @@
-"""Tokenized datasets: `write_dataset` writes them, `TokenDataset` opens them.
+"""Tokenized datasets: `TokenDataset` opens them (`ar_lm.data.writer.write_dataset` writes them).
 
 A dataset directory holds::
 
-    metadata.json          vocab size, tokenizer kind and checksum, per-split token/byte counts, shards
+    metadata.json          vocab size, tokenizer kind and checksum, per split: documents, tokens, UTF-8
+                           bytes, characters, words, shards (and the split's input files with sha256)
     tokenizer.model|json   the tokenizer (sentencepiece proto or JSON)
     train_00000.bin ...    token shards: flat little-endian uint16 (vocab <= 65536) or uint32
-    val_00000.bin ...
+    val_00000.bin ...      (and test_00000.bin ... when the dataset has a test split)
 
 Documents are separated by the tokenizer's end-of-document id.
 """
@@ -13,16 +14,11 @@ Documents are separated by the tokenizer's end-of-document id.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from ar_lm.data.sources import Document, split_documents
-from ar_lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from ar_lm.data.tokenizers import load_tokenizer
 from ar_lm.errors import UserError, require
 from ar_lm.io import atomic_write_json, sha256_file
 
@@ -33,88 +29,6 @@ def require_fresh_output(out: Path) -> None:
     """A dataset is written only into a missing or empty directory."""
     require(not out.exists() or (out.is_dir() and not any(out.iterdir())),
             f"output directory {out} already exists and is not empty: choose another --out or remove it")
-
-
-def write_dataset(
-    out: Path,
-    docs: list[Document],
-    tokenizer_kind: str,
-    vocab_size: int = 0,
-    val_fraction: float = 0.05,
-    shard_tokens: int = 1 << 24,
-    sp_model_type: str = "bpe",
-    source: dict | None = None,
-    splits: dict[str, list[Document]] | None = None,
-) -> dict:
-    """Tokenize `docs` (split by name hash, or the given `splits`) into a dataset directory at
-    `out`, which must not exist or be empty."""
-    out = Path(out).absolute()
-    require_fresh_output(out)
-    splits = splits or split_documents(docs, val_fraction)
-    tokenizer = train_tokenizer(tokenizer_kind, [d.text for d in splits["train"]], vocab_size, sp_model_type)
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        tok_path = tokenizer.save(tmp)
-        meta = {
-            "format": FORMAT_VERSION,
-            "tokenizer": {
-                "kind": tokenizer.kind,
-                "vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id,
-                "file": tok_path.name,
-                "sha256": sha256_file(tok_path),
-            },
-            "dtype": np.dtype(dtype).name,
-            "source": source or {},
-            "splits": {},
-        }
-        for split, split_docs in splits.items():
-            meta["splits"][split] = _write_split(tmp, split, split_docs, tokenizer, dtype, shard_tokens)
-        atomic_write_json(tmp / "metadata.json", meta)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
-
-
-def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> Iterator[list[int]]:
-    batch = getattr(tokenizer, "encode_batch", None)
-    for start in range(0, len(texts), 256):
-        chunk = texts[start : start + 256]
-        yield from (batch(chunk) if batch else [tokenizer.encode(t) for t in chunk])
-
-
-def _write_split(directory: Path, split: str, docs: list[Document], tokenizer, dtype, shard_tokens: int) -> dict:
-    shards, buffer, n_bytes, n_tokens = [], [], 0, 0
-
-    def flush():
-        nonlocal buffer
-        if not buffer:
-            return
-        path = directory / f"{split}_{len(shards):05d}.bin"
-        arr = np.concatenate(buffer).astype(dtype)
-        arr.tofile(path)
-        shards.append({"file": path.name, "tokens": int(arr.size), "sha256": sha256_file(path)})
-        buffer = []
-
-    pending = 0
-    for doc, ids in zip(docs, _encode_all(tokenizer, [d.text for d in docs])):
-        ids.append(tokenizer.eos_id)
-        buffer.append(np.asarray(ids, np.int64))
-        pending += len(ids)
-        n_tokens += len(ids)
-        n_bytes += len(doc.text.encode("utf-8"))
-        if pending >= shard_tokens:
-            flush()
-            pending = 0
-    flush()
-    return {"documents": len(docs), "tokens": n_tokens, "bytes": n_bytes, "shards": shards}
 
 
 class TokenDataset:
@@ -189,6 +103,9 @@ class TokenDataset:
 
     def token_bytes(self) -> np.ndarray:
         return self.tokenizer.token_bytes()
+
+    def token_chars(self) -> np.ndarray:
+        return self.tokenizer.token_chars()
 
 
 def unigram_entropy_bits(dataset: TokenDataset, split: str = "train") -> float:

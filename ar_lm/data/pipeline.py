@@ -10,12 +10,19 @@ JSON dict), saved in every checkpoint, so a resumed run continues with exactly t
 
 Evaluation reads a fixed set of val records (`eval_window_indices`): the whole split, or, when the token
 budget (`train.eval_tokens`, 0: up to config.EVAL_TOKENS_CAP) allows fewer, a seeded random subset spread over it.
+Whole-split scoring (`strided_batches`) reads the split's shards as one token stream in sliding windows of
+seq_len + 1 tokens at stride S, each scoring only the targets no earlier window scored, so every token but
+the first is scored exactly once with at least seq_len - S tokens of context (the strided perplexity of
+fixed-context models, as in Hugging Face's "Perplexity of fixed-length models").
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
+import re
+from typing import Iterator
 
 import grain
 import numpy as np
@@ -43,7 +50,16 @@ class WindowSource:
         return np.asarray(self.shards[shard][offset : offset + self.seq_len + 1], dtype=np.int32)
 
 
+def require_split(dataset: TokenDataset, split: str) -> dict:
+    """The split's metadata, or a UserError naming the splits the dataset has."""
+    splits = dataset.meta["splits"]
+    require(split in splits, f"dataset {dataset.path} has no {split!r} split (it has {', '.join(splits)}): "
+            "use one of those, or prepare the data with that split (`ar-lm prepare --val-files/--test-files`)")
+    return splits[split]
+
+
 def _windows(dataset: TokenDataset, split: str, seq_len: int) -> WindowSource:
+    require_split(dataset, split)
     source = WindowSource(dataset.shards(split), seq_len)
     require(
         len(source) > 0,
@@ -100,6 +116,108 @@ def eval_batches(
     idx = eval_window_indices(len(source), seq_len, global_batch, max_tokens, seed)
     local = idx[process_index::process_count].reshape(len(idx) // global_batch, global_batch // process_count)
     return [np.stack([source[int(i)] for i in row]) for row in local]
+
+
+class TokenStream:
+    """The shards of a split read as one token stream."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s) for s in shards]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, min(stop, len)) as int32."""
+        parts, shard = [], bisect.bisect_right(self.starts, start) - 1
+        while start < min(stop, len(self)):
+            offset = start - self.starts[shard]
+            part = self.shards[shard][offset : offset + stop - start]
+            parts.append(part)
+            start, shard = start + len(part), shard + 1
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def strided_windows(n_tokens: int, seq_len: int, stride: int) -> int:
+    """Windows that score all targets 1..n_tokens-1 of a stream: window k holds tokens [kS, kS + L + 1),
+    window 0 scores all its L targets and window k > 0 its last S, so K = 1 + ceil((n - 1 - L) / S)."""
+    return 1 + max(0, -(-(n_tokens - 1 - seq_len) // stride))
+
+
+def strided_window(stream: TokenStream, k: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window k: tokens [L + 1] (zero-padded past the end) and target weights [L] (1: scored here)."""
+    tokens = stream.read(k * stride, k * stride + seq_len + 1)
+    first = 0 if k == 0 else seq_len - stride  # index of the first target this window scores
+    weight = np.zeros(seq_len, np.float32)
+    weight[first : len(tokens) - 1] = 1.0
+    return np.pad(tokens, (0, seq_len + 1 - len(tokens))), weight
+
+
+def strided_batches(
+    dataset: TokenDataset,
+    split: str,
+    seq_len: int,
+    stride: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's share of the whole split as (tokens [B/P, L+1], weights [B/P, L]) batches of strided
+    windows (`strided_windows`); global batch j holds windows [j*B, (j+1)*B), process p every P-th from p;
+    rows past the last window have weight 0."""
+    require(0 < stride <= seq_len, f"--stride must be in [1, data.seq_len={seq_len}], got {stride}")
+    require_split(dataset, split)
+    stream = TokenStream(dataset.shards(split))
+    require(len(stream) >= 2, f"the {split} split of {dataset.path} has fewer than 2 tokens: nothing to score")
+    return _strided_rows(stream, seq_len, stride, global_batch, process_index, process_count)
+
+
+def _strided_rows(stream: TokenStream, seq_len: int, stride: int, global_batch: int, pidx: int, pcount: int):
+    n_windows = strided_windows(len(stream), seq_len, stride)
+    empty = (np.zeros(seq_len + 1, np.int32), np.zeros(seq_len, np.float32))
+    for start in range(0, n_windows, global_batch):
+        rows = [strided_window(stream, k, seq_len, stride) if k < n_windows else empty
+                for k in range(start + pidx, start + global_batch, pcount)]
+        yield np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """A named validation set: `data.eval_sets` entry "name=DATA_DIR[:split]" (split default val)."""
+
+    name: str
+    path: str
+    split: str = "val"
+
+    @staticmethod
+    def parse(spec: str) -> "EvalSet":
+        name, sep, rest = spec.partition("=")
+        require(bool(sep and rest) and re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None,
+                f"data.eval_sets entry {spec!r} is not name=DATA_DIR[:split] with a name of letters, digits, _ "
+                "or -: write e.g. web=data/web:val")
+        path, colon, split = rest.rpartition(":")
+        return EvalSet(name, path, split) if colon and split and "/" not in split else EvalSet(name, rest)
+
+
+def open_eval_sets(specs: tuple[str, ...], dataset: TokenDataset) -> list[tuple[EvalSet, TokenDataset]]:
+    """Each `data.eval_sets` entry parsed and opened; a repeated name, a missing split or another tokenizer
+    than `dataset`'s is a UserError."""
+    sets = [EvalSet.parse(spec) for spec in specs]
+    names = [s.name for s in sets]
+    require(len(set(names)) == len(names) and "macro" not in names,
+            f"data.eval_sets names must be unique and not 'macro', got {', '.join(names)}: rename them")
+    opened = []
+    for s in sets:
+        other = TokenDataset(s.path)
+        mine, theirs = dataset.meta["tokenizer"], other.meta["tokenizer"]
+        require((mine["sha256"], mine["vocab_size"]) == (theirs["sha256"], theirs["vocab_size"]),
+                f"eval set {s.name!r} ({other.path}) has another tokenizer ({theirs['kind']}, {theirs['vocab_size']} "
+                f"tokens) than the run's data {dataset.path} ({mine['kind']}, {mine['vocab_size']} tokens): "
+                "prepare it with the run's tokenizer")
+        require_split(other, s.split)
+        opened.append((s, other))
+    return opened
 
 
 class TrainIterator:

@@ -1,5 +1,10 @@
 """`ar-lm prepare`: read a source (standard library, files, or a synthetic Markov chain), tokenize it,
-and write a dataset directory. Sweeps make their dataset the same way (`make_dataset`)."""
+and write a dataset directory. Sweeps make their dataset the same way (`make_dataset`).
+
+Files come with their splits (`val_files`, `test_files`: benchmark splits such as WikiText's
+train/valid/test) or are split by a hash of each document's name (`val_fraction`); the tokenizer is
+trained on the train split only.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ar_lm.data.dataset import require_fresh_output, write_dataset
-from ar_lm.data.sources import file_documents, stdlib_documents
+from ar_lm.data.dataset import TokenDataset, require_fresh_output
+from ar_lm.data.sources import FileCorpus, stdlib_documents
 from ar_lm.data.synthetic import synthetic_splits
-from ar_lm.data.tokenizers import check_tokenizer_args
+from ar_lm.data.tokenizers import Tokenizer, check_tokenizer_args
+from ar_lm.data.writer import write_dataset
 from ar_lm.errors import UserError, require
 
 SOURCES = ("stdlib", "files", "synthetic")
@@ -19,37 +25,66 @@ SOURCES = ("stdlib", "files", "synthetic")
 def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, val_fraction: float = 0.05,
                  max_mb: float = 0.0, files: Sequence[str] = (), sp_model_type: str = "bpe",
                  synthetic_tokens: int = 2_000_000, synthetic_vocab: int = 32, synthetic_order: int = 3,
-                 synthetic_branching: int = 4, seed: int = 0) -> dict:
-    """Write the dataset directory `out` (see `write_dataset`) from `source`; returns its metadata."""
+                 synthetic_branching: int = 4, seed: int = 0, val_files: Sequence[str] = (),
+                 test_files: Sequence[str] = (), buffer_mb: float = 64.0, workers: int = 0,
+                 tokenizer_from: str = "") -> dict:
+    """Write the dataset directory `out` (see `write_dataset`) from `source`; returns its metadata.
+    `max_mb` limits the train (or hash-split) input only: explicit val and test files are read whole.
+    `tokenizer_from`: a dataset directory whose tokenizer to use (e.g. for `data.eval_sets`); then the
+    train files may be left out."""
     require(0 < val_fraction < 1, f"--val-fraction must lie in (0, 1), got {val_fraction}: training evaluates on "
                                   "the val split")
-    check_tokenizer_args(tokenizer, vocab_size)
+    require(source == "files" or not (val_files or test_files),
+            f"--val-files and --test-files name files of --source files, not --source {source}: "
+            "drop them or use --source files")
+    existing = _existing_tokenizer(tokenizer_from, vocab_size) if tokenizer_from else None
+    if existing is None:
+        check_tokenizer_args(tokenizer, vocab_size)
     require_fresh_output(Path(out).absolute())  # before reading the source
     max_bytes = int(max_mb * 1e6)
-    splits, source_meta = None, {"kind": source, "files": list(files)}
+    docs, splits, source_meta = (), {}, {"kind": source}
+    if tokenizer_from:
+        source_meta["tokenizer_from"] = str(Path(tokenizer_from).absolute())
     if source == "stdlib":
         docs = stdlib_documents(max_bytes)
     elif source == "files":
-        docs = file_documents(files, max_bytes)
+        require(files or (existing and (val_files or test_files)),
+                "--source files needs --files PATH [PATH ...] (only --tokenizer-from allows val or test files alone)")
+        corpora = {"train": files and FileCorpus(files, max_bytes),
+                   "val": val_files and FileCorpus(val_files, 0, "--val-files"),
+                   "test": test_files and FileCorpus(test_files, 0, "--test-files")}
+        source_meta["files"] = {split: c.files() for split, c in corpora.items() if c}
+        if val_files or not files:
+            splits.update({split: c for split, c in corpora.items() if c})
+        else:
+            docs = corpora["train"]  # split by name hash into train and val
+            splits.update({split: c for split, c in corpora.items() if c and split != "train"})
     elif source == "synthetic":
-        splits, source_meta = synthetic_splits(synthetic_tokens, val_fraction, synthetic_vocab,
-                                               synthetic_order, synthetic_branching, seed)
-        docs = splits["train"] + splits["val"]
+        splits, info = synthetic_splits(synthetic_tokens, val_fraction, synthetic_vocab, synthetic_order,
+                                        synthetic_branching, seed)
+        source_meta.update(info)
     else:
         raise UserError(f"source {source!r} is unknown: use one of {', '.join(SOURCES)}")
     return write_dataset(Path(out), docs, tokenizer, vocab_size, val_fraction, sp_model_type=sp_model_type,
-                         source=source_meta, splits=splits)
+                         source=source_meta, splits=splits, buffer_mb=buffer_mb, workers=workers, tokenizer=existing)
+
+
+def _existing_tokenizer(data_dir: str, vocab_size: int) -> Tokenizer:
+    require(not vocab_size, "--vocab-size belongs to a tokenizer trained here: drop it with --tokenizer-from")
+    dataset = TokenDataset(data_dir)
+    return dataset.tokenizer
 
 
 def prepare_command(args) -> int:
     """`ar-lm prepare ...`: prints the output directory, vocabulary size and split sizes as JSON."""
     require(args.source != "synthetic" or args.tokenizer == "char",
             "--source synthetic uses --tokenizer char (one token per symbol)")
+    require(args.workers >= 0, f"--workers must be >= 0 (0: one per core), got {args.workers}")
     meta = make_dataset(Path(args.out), args.source, args.tokenizer, args.vocab_size, args.val_fraction, args.max_mb,
                         args.files, args.sp_model_type, args.synthetic_tokens, args.synthetic_vocab,
-                        args.synthetic_order, args.synthetic_branching, args.seed)
-    splits = {k: {"tokens": v["tokens"], "bytes": v["bytes"], "documents": v["documents"]}
-              for k, v in meta["splits"].items()}
+                        args.synthetic_order, args.synthetic_branching, args.seed, args.val_files, args.test_files,
+                        args.buffer_mb, args.workers, args.tokenizer_from or "")
+    splits = {k: {key: v[key] for key in ("tokens", "bytes", "documents", "words")} for k, v in meta["splits"].items()}
     print(json.dumps({"out": str(Path(args.out).absolute()), "vocab_size": meta["tokenizer"]["vocab_size"],
                       "splits": splits}))
     return 0

@@ -1,7 +1,10 @@
-"""Text sources for `ar-lm prepare`: documents from the standard library or from files, split by name.
+"""Text sources for `ar-lm prepare`: documents from the standard library or from files.
 
-Each document goes to val or train by a hash of its name, so the split is deterministic and
-independent of file order.
+A corpus is re-iterable (`prepare` reads it twice: once to train the tokenizer and count, once to
+tokenize) and streamed: a long text file comes in pieces of about `PIECE_CHARS` characters cut after a
+newline, only the last piece ending the document (`Document.ends`). Without explicit split files, each
+document goes to val or train by a hash of its name, so the split is deterministic and independent of
+file order.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ar_lm.errors import UserError, require
+from ar_lm.io import sha256_file
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+PIECE_CHARS = 1 << 18  # a text file is read (and tokenized) in pieces of about this many characters
 
 
 @dataclass(frozen=True)
 class Document:
+    """A document, or a piece of one: `ends` is false for every piece of a file but its last."""
+
     name: str
     text: str
+    ends: bool = True
 
 
 def stdlib_documents(max_bytes: int) -> list[Document]:
@@ -55,11 +63,11 @@ def _say_truncated(max_bytes: int, total: int, what: str) -> None:
           "the rest of the source is left out (--max-mb 0 reads it all)", file=sys.stderr, flush=True)
 
 
-def _expand(patterns: Sequence[str]) -> list[Path]:
+def _expand(patterns: Sequence[str], flag: str) -> list[Path]:
     paths: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
-        require(matches, f"--files pattern {pattern!r} matches no file")
+        require(matches, f"{flag} pattern {pattern!r} matches no file")
         for m in matches:
             p = Path(m)
             if p.is_dir():
@@ -68,44 +76,72 @@ def _expand(patterns: Sequence[str]) -> list[Path]:
                 paths.append(p)
             else:
                 raise UserError(f"input file {p} does not exist")
+    require(paths, f"{flag} {' '.join(patterns)} names no file")
     return paths
 
 
-def file_documents(patterns: Sequence[str], max_bytes: int = 0) -> list[Document]:
-    """Documents from text files (one document each), .jsonl (the "text" field of each line)
-    and .parquet (the "text" column). A document is named by its path relative to the inputs'
-    common directory (plus the line or row), so a corpus splits the same wherever it lies."""
-    require(patterns, "--source files needs --files PATH [PATH ...]")
-    docs, total, paths = [], 0, _expand(patterns)
-    root = Path(os.path.commonpath([str(p.absolute().parent) for p in paths])) if paths else Path(".")
-    for i, path in enumerate(paths):
-        start = len(docs)
-        suffix = path.suffix.lower()
-        name = path.absolute().relative_to(root).as_posix()
-        if suffix == ".jsonl":
-            docs += _jsonl_documents(path, name)
-        elif suffix == ".parquet":
-            docs += _parquet_documents(path, name)
-        else:
-            raw = path.read_bytes()
-            if b"\x00" in raw[:8192]:
-                raise UserError(f"input file {path} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
+class FileCorpus:
+    """Documents from text files (one document each, read in pieces), .jsonl (the "text" field of each
+    line) and .parquet (the "text" column), in sorted path order. A document is named by its path
+    relative to the inputs' common directory (plus the line or row), so a corpus splits the same
+    wherever it lies. `max_bytes`: stop after the first file that reaches it (0: read all)."""
+
+    def __init__(self, patterns: Sequence[str], max_bytes: int = 0, flag: str = "--files"):
+        require(patterns, f"--source files needs {flag} PATH [PATH ...]")
+        self.patterns, self.max_bytes, self.flag = list(patterns), max_bytes, flag
+        self.paths = _expand(patterns, flag)
+        self.root = Path(os.path.commonpath([str(p.absolute().parent) for p in self.paths]))
+        for path in self.paths:
+            if path.suffix.lower() not in (".jsonl", ".parquet"):
+                with open(path, "rb") as f:
+                    require(b"\x00" not in f.read(8192),
+                            f"input file {path} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
+        require(any(p.stat().st_size for p in self.paths), f"the input files {', '.join(patterns)} hold no text")
+        self._said_truncated = False
+
+    def files(self) -> list[dict]:
+        """Each input file's absolute path and sha256 (what `metadata.json` records)."""
+        return [{"path": str(p.absolute()), "sha256": sha256_file(p)} for p in self.paths]
+
+    def __iter__(self) -> Iterator[Document]:
+        total = 0
+        for i, path in enumerate(self.paths):
+            name = path.absolute().relative_to(self.root).as_posix()
+            suffix = path.suffix.lower()
+            docs = (_jsonl_documents(path, name) if suffix == ".jsonl" else
+                    _parquet_documents(path, name) if suffix == ".parquet" else _text_pieces(path, name))
+            for doc in docs:
+                total += len(doc.text.encode("utf-8"))
+                yield doc
+            if self.max_bytes and total >= self.max_bytes:
+                if i + 1 < len(self.paths) and not self._said_truncated:
+                    _say_truncated(self.max_bytes, total, f"the first {i + 1} of {len(self.paths)} files")
+                    self._said_truncated = True
+                return
+
+
+def _text_pieces(path: Path, name: str) -> Iterator[Document]:
+    """A UTF-8 text file as pieces of about PIECE_CHARS characters, each cut after a newline when it has one."""
+    carry, started = "", False
+    with open(path, encoding="utf-8", newline="") as f:
+        while True:
             try:
-                docs.append(Document(name, raw.decode("utf-8")))
-            except UnicodeDecodeError as e:
-                raise UserError(f"input file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-        total += sum(len(d.text.encode("utf-8")) for d in docs[start:])
-        if max_bytes and total >= max_bytes:
-            if i + 1 < len(paths):
-                _say_truncated(max_bytes, total, f"the first {i + 1} of {len(paths)} files")
-            break
-    docs = [d for d in docs if d.text]
-    require(docs, f"the input files {', '.join(patterns)} hold no text")
-    return docs
+                block = f.read(PIECE_CHARS)
+            except UnicodeDecodeError:
+                raise UserError(f"input file {path} is not UTF-8 text: convert it to UTF-8") from None
+            text = carry + block
+            if not block:
+                if text or started:
+                    yield Document(name, text)  # the last piece ends the document (it may be empty)
+                return
+            cut = text.rfind("\n") + 1 or len(text)
+            carry = text[cut:]
+            if text[:cut]:
+                started = True
+                yield Document(name, text[:cut], ends=False)
 
 
-def _jsonl_documents(path: Path, name: str) -> list[Document]:
-    docs = []
+def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -118,30 +154,24 @@ def _jsonl_documents(path: Path, name: str) -> list[Document]:
                 isinstance(record, dict) and isinstance(record.get("text"), str),
                 f"{path}:{lineno} has no string field 'text'",
             )
-            docs.append(Document(f"{name}:{lineno}", record["text"]))
-    return docs
+            if record["text"]:
+                yield Document(f"{name}:{lineno}", record["text"])
 
 
-def _parquet_documents(path: Path, name: str) -> list[Document]:
+def _parquet_documents(path: Path, name: str) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    table = pq.read_table(path, columns=["text"])
-    return [Document(f"{name}:{i}", t) for i, t in enumerate(table.column("text").to_pylist()) if t]
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["text"]):
+        for text in batch.column("text").to_pylist():
+            if text:
+                yield Document(f"{name}:{row}", text)
+            row += 1
 
 
 def split_of(doc: Document, val_fraction: float) -> str:
+    """"val" for a `val_fraction` of document names (by their sha256), else "train"."""
     digest = hashlib.sha256(doc.name.encode("utf-8")).digest()
     return "val" if int.from_bytes(digest[:8], "little") / 2**64 < val_fraction else "train"
-
-
-def split_documents(docs: list[Document], val_fraction: float) -> dict[str, list[Document]]:
-    splits = {s: [] for s in SPLITS}
-    for doc in docs:
-        splits[split_of(doc, val_fraction)].append(doc)
-    if val_fraction > 0 and not splits["val"] and len(splits["train"]) > 1:
-        splits["val"].append(splits["train"].pop())  # tiny corpora: keep one document for val
-    require(splits["train"], "the source has too few documents for a train split: add data or lower --val-fraction")
-    require(splits["val"] or val_fraction == 0, "the source has too few documents for a val split")
-    return splits

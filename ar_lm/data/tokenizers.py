@@ -1,7 +1,9 @@
 """Tokenizers: lossless sentencepiece (BPE/unigram), bytes, and characters with byte fallback.
 
 Every tokenizer round-trips any UTF-8 text exactly, and knows how many UTF-8 bytes each token
-stands for (`token_bytes`), so bits per byte is computed from the evaluated tokens themselves.
+stands for (`token_bytes`), so bits per byte is computed from the evaluated tokens themselves, and how
+many characters (`token_chars`: its UTF-8 bytes that are not continuation bytes 0x80..0xBF, so the sum
+over any text's tokens is its character count) for bits per character.
 Files are sentencepiece's own model proto or JSON: nothing is pickled.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,6 +21,7 @@ from ar_lm.errors import UserError, require
 from ar_lm.io import cpu_cores
 
 KINDS = ("sentencepiece", "byte", "char")
+LEAD_BYTES = np.array([0 if 0x80 <= b <= 0xBF else 1 for b in range(256)], np.int32)  # 1: a byte starts a character
 
 
 class ByteTokenizer:
@@ -39,6 +43,9 @@ class ByteTokenizer:
     def token_bytes(self) -> np.ndarray:
         return np.array([1] * 256 + [0], np.int32)
 
+    def token_chars(self) -> np.ndarray:
+        return np.concatenate([LEAD_BYTES, [0]]).astype(np.int32)
+
     def save(self, directory: Path) -> Path:
         path = Path(directory) / self.filename
         path.write_text(json.dumps({"kind": "byte"}) + "\n")
@@ -59,10 +66,14 @@ class CharTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 0) -> "CharTokenizer":
-        counts: dict[str, int] = {}
+        counts: Counter[str] = Counter()
         for text in texts:
-            for c in text:
-                counts[c] = counts.get(c, 0) + 1
+            counts.update(text)
+        return cls.from_counts(counts, vocab_size)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], vocab_size: int = 0) -> "CharTokenizer":
+        """The most frequent characters (ties by code point), up to `vocab_size` ids in all (0: every one)."""
         chars = sorted(counts, key=lambda c: (-counts[c], c))
         if vocab_size:
             chars = chars[: max(0, vocab_size - 257)]
@@ -95,6 +106,9 @@ class CharTokenizer:
 
     def token_bytes(self) -> np.ndarray:
         return np.array([0] + [1] * 256 + [len(c.encode("utf-8")) for c in self.chars], np.int32)
+
+    def token_chars(self) -> np.ndarray:
+        return np.concatenate([[0], LEAD_BYTES, np.ones(len(self.chars))]).astype(np.int32)
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / self.filename
@@ -159,8 +173,8 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=cpu_cores())
+    def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=threads or cpu_cores())
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -172,6 +186,15 @@ class SentencePieceTokenizer:
                 out[i] = 1
             elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
                 out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    def token_chars(self) -> np.ndarray:
+        out = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                out[i] = LEAD_BYTES[int(self.sp.id_to_piece(i)[1:-1], 16)]  # piece "<0xAB>"
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                out[i] = len(self.sp.id_to_piece(i))  # code points; "\u2581" stands for one space
         return out
 
     def save(self, directory: Path) -> Path:

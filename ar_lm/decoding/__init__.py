@@ -2,8 +2,10 @@
 
 `sampling` (the `Sampling` filters), `generate` (prefill + scan/while decoding), `beam` (beam search),
 `speculative` (draft and verify), `streaming` (chunked decoding that yields tokens), `command`
-(`ar-lm generate`). Imports the base layer, `ar_lm.model`, `ar_lm.data` (tokenizers),
-`ar_lm.parallel` (meshes) and `ar_lm.training` (run directories and checkpoints).
+(`ar-lm generate`), `scoring` (batched teacher-forced scoring), `harness` and `harness_command` (the
+lm-evaluation-harness adapter and `ar-lm lm-eval`; they need the extra `ar_lm[eval]`). Imports the base
+layer, `ar_lm.model`, `ar_lm.data` (tokenizers), `ar_lm.parallel` (meshes) and `ar_lm.training` (run
+directories and checkpoints).
 
 The Python API: ``from ar_lm.decoding import generate, beam_search, speculative_generate, stream, Sampling``.
 """

@@ -53,8 +53,9 @@ class Generation:
     target_passes: Optional[int] = None
 
 
-def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-    """Left-pad token-id prompts into (prompt_BxP int32, lens_B int32), checking them against the context."""
+def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_to: int = 0):
+    """Left-pad token-id prompts into (prompt_BxP int32, lens_B int32), checking them against the context;
+    P is the longest prompt, or `pad_to` where that is longer and fits (callers bucket P: fewer compilations)."""
     require(isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens > 0,
             f"max-new-tokens must be a positive integer, got {max_new_tokens}")
     rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
@@ -70,9 +71,10 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_
     require(longest + max_new_tokens <= ctx,
             f"prompt ({longest} tokens) + max-new-tokens ({max_new_tokens}) exceeds the model's context of {ctx} "
             f"tokens: ask for at most {ctx - longest} new tokens")
-    prompt_BxP = np.zeros((len(rows), longest), np.int32)
+    width = max(longest, min(pad_to, ctx - max_new_tokens))
+    prompt_BxP = np.zeros((len(rows), width), np.int32)
     for i, row in enumerate(rows):
-        prompt_BxP[i, longest - row.size:] = row
+        prompt_BxP[i, width - row.size:] = row
     return prompt_BxP, np.asarray([row.size for row in rows], np.int32)
 
 
@@ -198,12 +200,13 @@ def _generate_jit(cfg, params, prompt_BxP, lens_B, sampling, seed, *, max_new_to
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling = GREEDY, *, seed: int = 0, eos_id: Optional[int] = None,
-             pad_id: Optional[int] = None, loop: Optional[str] = None) -> Generation:
+             pad_id: Optional[int] = None, loop: Optional[str] = None, pad_to: int = 0) -> Generation:
     """Generate `max_new_tokens` per prompt (token-id lists of any lengths) in one jitted program.
 
     loop: "scan" (fixed N steps) or "while" (stops once every row has emitted EOS); default while when
-    `eos_id` is given. After EOS a row holds `pad_id` (default: eos_id, else 0)."""
-    prompt_BxP, lens_B = prepare_prompts(cfg, prompts, max_new_tokens)
+    `eos_id` is given. After EOS a row holds `pad_id` (default: eos_id, else 0). `pad_to`: left-pad the
+    prompts to at least this length (as fits the context), one compilation for many prompt lengths."""
+    prompt_BxP, lens_B = prepare_prompts(cfg, prompts, max_new_tokens, pad_to)
     sampling.check_vocab(cfg.vocab_size)
     loop = loop or ("while" if eos_id is not None else "scan")
     require(loop in ("scan", "while"), f"loop must be 'scan' or 'while', got {loop!r}")

@@ -4,6 +4,10 @@ Shapes are in names: B batch, L query length, S key/cache length, H query heads,
 G = H/K query heads per kv head, Dh head dim. A query at position p sees keys at positions 0..p that
 are valid (key position >= 0). Training passes no cache (positions 0..L-1); decoding passes a KV
 cache of shape [layers, B, K, S, Dh] plus the position of every cache slot (-1: empty).
+
+Document masking (`data.document_mask`): segment ids [B, L] (`document_segment_ids`: the count of
+end-of-document tokens up to each position) restrict every query to the keys of its own segment, in all
+implementations, and positions restart at each segment's start (`segment_positions`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,26 @@ def attention_mask(q_pos_BxL: Array, kv_pos_BxS: Array) -> Array:
     """mask[b, l, s] = key s is valid (position >= 0) and not in the future of query l."""
     kv = kv_pos_BxS[:, None, :]
     return (kv >= 0) & (kv <= q_pos_BxL[:, :, None])
+
+
+def document_segment_ids(tokens_BxL: Array, eos_id: int) -> Array:
+    """segment[b, i] = number of eos tokens in tokens[b, 0..i]: the eos that ends document k is the first
+    token (position 0) of segment k+1, as the eos a document is scored after; tokens before the first eos
+    are segment 0."""
+    return jnp.cumsum(tokens_BxL == eos_id, axis=1, dtype=jnp.int32)
+
+
+def segment_positions(segment_ids_BxL: Array) -> Array:
+    """position[b, i] = i - (the index where i's segment starts): positions restart at 0 per segment."""
+    b, l = segment_ids_BxL.shape
+    i_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    starts_BxL = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+    return i_BxL - jax.lax.cummax(jnp.where(starts_BxL, i_BxL, 0), axis=1)
+
+
+def segment_mask(segment_ids_BxL: Array) -> Array:
+    """mask[b, l, s] = query l and key s are in the same segment (self-attention: S = L)."""
+    return segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
 
 
 def xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS) -> Array:
@@ -51,8 +75,9 @@ def causal_block_bounds(length: int, block: int = 64, max_blocks: int = 8) -> li
     return [round(i * length / n) for i in range(n + 1)]
 
 
-def causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bounds=None) -> Array:
-    """Plain causal self-attention (positions 0..L-1), skipping the masked upper triangle.
+def causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bounds=None, segment_ids_BxL=None) -> Array:
+    """Plain causal self-attention (positions 0..L-1), skipping the masked upper triangle; with
+    `segment_ids_BxL`, within segments (the segment mask is applied inside each block).
 
     Queries are cut into blocks [lo, hi); a block attends to keys [0, hi) only, so with n blocks
     the score and value matmuls cost (n+1)/(2n) of the full L x L square (0.625 at n=4), and
@@ -74,18 +99,22 @@ def causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bounds=None) -> Array:
         scores_BxKxGxCxS = scores.reshape(b, kh, g, c, hi)
         q_pos = jax.lax.broadcasted_iota(jnp.int32, (c, hi), 0) + lo
         k_pos = jax.lax.broadcasted_iota(jnp.int32, (c, hi), 1)
-        scores_BxKxGxCxS = jnp.where(k_pos <= q_pos, scores_BxKxGxCxS, big_neg)
+        mask_BxCxS = (k_pos <= q_pos)[None]
+        if segment_ids_BxL is not None:
+            mask_BxCxS = mask_BxCxS & (segment_ids_BxL[:, lo:hi, None] == segment_ids_BxL[:, None, :hi])
+        scores_BxKxGxCxS = jnp.where(mask_BxCxS[:, None, None], scores_BxKxGxCxS, big_neg)
         probs = jax.nn.softmax(scores_BxKxGxCxS, axis=-1).astype(v_BxLxKxDh.dtype).reshape(b, kh, g * c, hi)
         outs.append(jnp.einsum("bkxs,bksd->bkxd", probs, v_BxKxLxDh[:, :, :hi]).reshape(b, kh, g, c, dh))
     out_BxKxGxLxDh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
 
-def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS=None) -> Array:
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS=None, segment_ids_BxL=None) -> Array:
     """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when shapes allow);
-    no mask: plain causal self-attention."""
-    if mask_BxLxS is None:  # let the kernel build the causal mask
-        return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, is_causal=True)
+    no mask: causal self-attention, within segments if `segment_ids_BxL` is given."""
+    if mask_BxLxS is None:  # let the kernel build the causal mask (and-ed with the segment mask)
+        same = None if segment_ids_BxL is None else segment_mask(segment_ids_BxL)[:, None]
+        return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=same, is_causal=True)
     return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None])
 
 
@@ -108,12 +137,13 @@ def write_cache(cache_LxBxKxSxDh: Array, layer, cache_index, new_BxKxLxDh: Array
 
 
 def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer, kv_pos_BxS,
-           cache_index):
+           cache_index, segment_ids_BxL=None):
     """Attention output [B, L, H, Dh] for a chunk's projected queries, keys and values, and the new cache.
 
     No positions of keys (`kv_pos_BxS` None): plain causal self-attention over 0..L-1. With a cache, the
     chunk is written into slice `layer` at `cache_index` (in place, a loop carry) and attention reads the
-    whole slice, masked by the position of each slot."""
+    whole slice, masked by the position of each slot. `segment_ids_BxL` (no cache only): attention stays
+    inside each segment."""
     dtype = resolve_compute_dtype(cfg)
     if cache is None:  # keys and values are the chunk itself
         k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh))
@@ -128,12 +158,15 @@ def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, 
     dot_product = impl == "dot_product"
     if kv_pos_BxS is None:  # training/scoring: plain causal over positions 0..L-1, no cache
         causal = {"dot_product": dot_product_attention, "pallas": pallas_causal_attention}.get(impl, causal_attention)
-        out_BxLxHxDh = causal(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
-    elif dot_product:
+        return causal(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL), new_cache
+    mask_BxLxS = attention_mask(positions_BxL, kv_pos_BxS)
+    if segment_ids_BxL is not None:  # positions given without a cache: keys are the chunk itself
+        mask_BxLxS = mask_BxLxS & segment_mask(segment_ids_BxL)
+    if dot_product:
         out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, *(x.transpose(0, 2, 1, 3) for x in (k_BxKxSxDh, v_BxKxSxDh)),
-                                             attention_mask(positions_BxL, kv_pos_BxS))
+                                             mask_BxLxS)
     else:  # also for pallas: a decode step has L=1 query against a cache masked by slot positions
-        out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, attention_mask(positions_BxL, kv_pos_BxS))
+        out_BxLxHxDh = xla_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS)
     return out_BxLxHxDh, new_cache
 
 
@@ -141,7 +174,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, cache, layer, kv_pos_BxS, cache_index):
+    def __call__(self, x_BxLxD, positions_BxL, cache, layer, kv_pos_BxS, cache_index, segment_ids_BxL=None):
         cfg = self.cfg
         dtype = resolve_compute_dtype(cfg)
         pdt = jnp.dtype(cfg.param_dtype)
@@ -171,7 +204,7 @@ class Attention(nn.Module):
         q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ("batch", "length", "heads", "head_dim"))
 
         out_BxLxHxDh, new_cache = attend(cfg, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer,
-                                         kv_pos_BxS, cache_index)
+                                         kv_pos_BxS, cache_index, segment_ids_BxL)
 
         wo = param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
         y_BxLxD = out_BxLxHxDh.reshape(*out_BxLxHxDh.shape[:2], h * dh) @ wo.reshape(h * dh, d).astype(dtype)

@@ -50,13 +50,16 @@ def splash_kernel(heads: int, length: int, interpret: bool):
     return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def pallas_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, interpret: bool | None = None) -> Array:
+def pallas_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, interpret: bool | None = None,
+                            segment_ids_BxL: Array | None = None) -> Array:
     """Causal self-attention over positions 0..L-1 by the splash-attention kernel: the contract of
     `ar_lm.model.attention.causal_attention` (kv head h // G for query head h, scale 1/sqrt(Dh) applied
-    here, scores and softmax in float32 inside the kernel, output in q's dtype).
+    here, scores and softmax in float32 inside the kernel, output in q's dtype), within segments when
+    `segment_ids_BxL` is given (the kernel's `SegmentIds`, and-ed with the causal mask in every block).
 
     `interpret` None: the compiled kernel on TPU, Pallas interpret mode on any other backend. A length
-    that is not a multiple of 128 is padded up to one (see `padded_length`).
+    that is not a multiple of 128 is padded up to one (see `padded_length`; padded positions get segment
+    -1, so a padded query still sees itself).
     """
     b, l, h, dh = q_BxLxHxDh.shape
     kh = k_BxLxKxDh.shape[2]
@@ -74,5 +77,10 @@ def pallas_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, interpret: bool 
         return jnp.pad(x_BxLxNxDh, ((0, 0), (0, lp - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
     q_BxHxLxDh = heads_first((q_BxLxHxDh * dh**-0.5).astype(q_BxLxHxDh.dtype))  # the kernel applies no scale
-    out_BxHxLxDh = jax.vmap(kernel)(q_BxHxLxDh, heads_first(k_BxLxKxDh), heads_first(v_BxLxKxDh))
+    qkv = (q_BxHxLxDh, heads_first(k_BxLxKxDh), heads_first(v_BxLxKxDh))
+    if segment_ids_BxL is None:
+        out_BxHxLxDh = jax.vmap(kernel)(*qkv)
+    else:
+        seg_BxL = jnp.pad(segment_ids_BxL.astype(jnp.int32), ((0, 0), (0, lp - l)), constant_values=-1)
+        out_BxHxLxDh = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(*qkv, seg_BxL)
     return out_BxHxLxDh[:, :, :l].transpose(0, 2, 1, 3).astype(q_BxLxHxDh.dtype)

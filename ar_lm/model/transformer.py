@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
-from ar_lm.model.attention import Attention
+from ar_lm.model.attention import Attention, segment_positions
 from ar_lm.model.backend import resolve_compute_dtype, resolve_remat
 from ar_lm.model.layers import Mlp, make_norm, param
 from ar_lm.model.mup import output_multiplier
@@ -29,10 +29,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer, positions_BxL, kv_pos_BxS, cache_index):
+    def __call__(self, carry, layer, positions_BxL, kv_pos_BxS, cache_index, segment_ids_BxL):
         x_BxLxD, cache = carry  # the whole cache (or None); this block owns its slice `layer`
         h, cache = Attention(self.cfg, name="attn")(
-            make_norm(self.cfg, "attn_norm")(x_BxLxD), positions_BxL, cache, layer, kv_pos_BxS, cache_index
+            make_norm(self.cfg, "attn_norm")(x_BxLxD), positions_BxL, cache, layer, kv_pos_BxS, cache_index,
+            segment_ids_BxL,
         )
         x_BxLxD = x_BxLxD + h
         x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x_BxLxD))
@@ -51,7 +52,7 @@ def _remat_block(cfg: ModelConfig):
     return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
-def _layer_stack(cfg: ModelConfig, x_BxLxD, cache, positions_BxL, kv_positions_BxS, cache_index):
+def _layer_stack(cfg: ModelConfig, x_BxLxD, cache, positions_BxL, kv_positions_BxS, cache_index, segment_ids_BxL):
     """The n_layers blocks, created in the calling module: scanned (one compiled layer, parameters stacked
     on axis 0 under `layers`) or unrolled (`layer_0`, `layer_1`, ...). Returns (x, the new cache)."""
     block = _remat_block(cfg)
@@ -60,18 +61,18 @@ def _layer_stack(cfg: ModelConfig, x_BxLxD, cache, positions_BxL, kv_positions_B
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
         (x_BxLxD, new_cache), _ = layers(
-            (x_BxLxD, cache), jnp.arange(cfg.n_layers), positions_BxL, kv_positions_BxS, cache_index
+            (x_BxLxD, cache), jnp.arange(cfg.n_layers), positions_BxL, kv_positions_BxS, cache_index, segment_ids_BxL
         )
     else:
         new_cache = cache
         for i in range(cfg.n_layers):
             (x_BxLxD, new_cache), _ = block(cfg, name=f"layer_{i}")(
-                (x_BxLxD, new_cache), i, positions_BxL, kv_positions_BxS, cache_index
+                (x_BxLxD, new_cache), i, positions_BxL, kv_positions_BxS, cache_index, segment_ids_BxL
             )
     return x_BxLxD, new_cache
 
@@ -82,6 +83,9 @@ class Transformer(nn.Module):
     With `cache` (see `init_cache`): writes the chunk's keys/values at slot `cache_index` (a scalar,
     or one slot per row of shape [B]) and returns (logits, new_cache); `kv_positions_BxS` gives the position held by each cache slot
     after the write (-1 for empty/padding slots).
+
+    Without a cache, `segment_ids_BxL` (e.g. `attention.document_segment_ids`) keeps attention inside each
+    segment, and positions (when not given) restart at 0 at every segment's start (`segment_positions`).
     """
 
     cfg: ModelConfig
@@ -94,6 +98,7 @@ class Transformer(nn.Module):
         cache: Optional[Cache] = None,
         cache_index: Optional[Array] = None,
         kv_positions_BxS: Optional[Array] = None,
+        segment_ids_BxL: Optional[Array] = None,
     ):
         cfg = self.cfg
         dtype = resolve_compute_dtype(cfg)
@@ -101,6 +106,10 @@ class Transformer(nn.Module):
         b, l = tokens_BxL.shape
         if cache is None:  # keys are the chunk itself; None means plain causal over 0..L-1
             kv_positions_BxS = positions_BxL
+        elif segment_ids_BxL is not None:
+            raise ValueError("segment_ids_BxL is for scoring without a KV cache")
+        if positions_BxL is None and segment_ids_BxL is not None:
+            positions_BxL = segment_positions(segment_ids_BxL)
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
 
@@ -116,7 +125,8 @@ class Transformer(nn.Module):
             x_BxLxD = x_BxLxD + jnp.take(pos_PxD, jnp.clip(positions_BxL, 0, cfg.max_seq_len - 1), axis=0).astype(dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
-        x_BxLxD, new_cache = _layer_stack(cfg, x_BxLxD, cache, positions_BxL, kv_positions_BxS, cache_index)
+        x_BxLxD, new_cache = _layer_stack(cfg, x_BxLxD, cache, positions_BxL, kv_positions_BxS, cache_index,
+                                          segment_ids_BxL)
 
         x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
         if cfg.tie_embeddings:

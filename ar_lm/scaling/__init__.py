@@ -2,7 +2,8 @@
 
 `sweeps` (shape rules, ladders, `grid_sweep`, `isoflop_sweep`, `wsd_sweep`, `lr_sweep`, `Sweep`, `DataSpec`),
 `hparams` (size-aware hyperparameter rules; `ar-lm fit-lr`), `runner`
-(`ar-lm sweep`: one process per point, resumable, summary table), `points` (what a fit reads),
+(`ar-lm sweep`: one process per point, resumable, summary table), `downstream` (lm-eval tasks on finished
+points, their summary columns), `points` (what a fit reads),
 `fit` (approaches 1-3 with bootstrap intervals), `report` (`ar-lm fit`), `holdout` (the held-out
 check), `plots`, `compare` (`ar-lm compare`). Imports the base layer, `ar_lm.model`, `ar_lm.data`,
 `ar_lm.parallel` and `ar_lm.training`; not `ar_lm.decoding` or `ar_lm.interop`.

@@ -6,7 +6,8 @@
     SWEEP_DIR/logs/<name>.log    each point's output, every attempt appended
     SWEEP_DIR/status.json        per point: pending | submitted | running | done | failed (`scaling/status.py`)
     SWEEP_DIR/summary.csv        N, D, C, final val loss (and its standard error), perplexity, bits per byte,
-                                 epochs of the train split, wall time, MFU
+                                 epochs of the train split, wall time, MFU; with --lm-eval-tasks also
+                                 lm_eval/<task>/<metric> columns (`scaling/downstream.py`)
     SWEEP_DIR/fit/               fit.json and plots (`ar-lm fit`), holdout.json
 
 Each run is its own process (`python -m ar_lm train POINT.json --run-dir ...`), so one failing run
@@ -33,6 +34,7 @@ from ar_lm.data.prepare import make_dataset
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_text, locked_json_update
 from ar_lm.parallel.placement import check_fits
+from ar_lm.scaling import downstream
 from ar_lm.scaling.dispatch import (
     ExecOptions,
     check_options,
@@ -164,9 +166,12 @@ class SweepRunner:
             print(f"[sweep] {p.name}: its config changed since it finished ({what}): running it again "
                   f"(the old run is in {old})", file=sys.stderr, flush=True)
 
+    def cache_env(self) -> dict:
+        """One compilation cache for the sweep's runs, unless the caller's $JAX_COMPILATION_CACHE_DIR is set."""
+        return {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(self.dir / ".jax_cache")}
+
     def tasks(self, points, pool) -> list[PointTask]:
-        # one compilation cache for the sweep's runs, unless the caller's $JAX_COMPILATION_CACHE_DIR is set
-        env = (("JAX_COMPILATION_CACHE_DIR", os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(self.dir / ".jax_cache")),)
+        env = tuple(self.cache_env().items())
         names = {p.name for p in self.sweep.points}
         return [PointTask(p.name, str(self.config_path(p.name)), str(self.run_dir(p.name)),
                           str(self.dir / "logs" / f"{p.name}.log"), str(self.store.path),
@@ -224,13 +229,14 @@ class SweepRunner:
                    "N": p.coords["N"], "D": p.coords["D"], "C": p.coords["C"]}
             for key in SUMMARY_FIELDS[5:]:
                 row[key] = s.get(key)
-            rows.append(row)
+            rows.append(row | downstream.columns(self.run_dir(p.name)))
         return rows
 
     def write_summary(self, points) -> list[dict]:
         rows = self.summary_rows(points)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+        extra = sorted({k for r in rows for k in r} - set(SUMMARY_FIELDS))  # lm_eval/<task>/<metric> columns
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS + tuple(extra))
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.dir / "summary.csv", buf.getvalue())
@@ -267,7 +273,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Optional[str] = None,
               opts: Optional[ExecOptions] = None, dry_run: bool = False, only: Optional[str] = None,
-              fit: bool = True) -> int:
+              fit: bool = True, lm_eval: Optional[downstream.LmEvalSpec] = None) -> int:
     opts = opts or ExecOptions()
     check_options(opts)
     sweep = load_sweep(experiment)
@@ -287,6 +293,9 @@ def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Option
         runner.write_points(sweep.points)
         t0 = time.time()
         result = runner.run(points)
+        if lm_eval is not None:  # downstream tasks on the finished points (each once)
+            done = [p.name for p in points if runner.status.get(p.name, {}).get("state") == "done"]
+            downstream.run_points(lm_eval, {n: runner.run_dir(n) for n in done}, out / "logs", runner.cache_env())
         rows = runner.write_summary(sweep.points)
         print(format_table(rows))
         warn_repeats(rows)
@@ -329,4 +338,7 @@ def sweep_command(args) -> int:
                        flops_per_device=args.flops_per_device, slurm_cluster=args.slurm_cluster,
                        slurm_partition=args.slurm_partition or "", slurm_time_min=args.slurm_time,
                        slurm_gpu=not args.slurm_cpu, tpu=tpu)
-    return run_sweep(args.experiment, args.sweep_dir, args.data, opts, args.dry_run, args.only, not args.no_fit)
+    lm_eval = (downstream.LmEvalSpec.create(args.lm_eval_tasks, args.lm_eval_include_path, args.lm_eval_limit)
+               if args.lm_eval_tasks else None)
+    return run_sweep(args.experiment, args.sweep_dir, args.data, opts, args.dry_run, args.only, not args.no_fit,
+                     lm_eval)

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 
 from ar_lm.config import ExperimentConfig, to_dict, validate
 from ar_lm.data.dataset import TokenDataset
-from ar_lm.data.pipeline import TrainIterator, eval_batches, split_windows, train_dataset
+from ar_lm.data.pipeline import TrainIterator, eval_batches, open_eval_sets, split_windows, train_dataset
 from ar_lm.errors import NonFiniteError, UserError, require
 from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.model.transformer import relayout_layers
@@ -26,8 +25,8 @@ from ar_lm.parallel.mesh import data_parallel_size, logical_rules, logical_shard
 from ar_lm.training import rundir
 from ar_lm.training.branch import start_branch
 from ar_lm.training.checkpoint import Checkpointer
-from ar_lm.training.evaluate import evaluate, make_eval_step
-from ar_lm.training.metrics import RunLogger, peak_flops_per_device
+from ar_lm.training.evaluate import evaluate, make_eval_step, token_tables
+from ar_lm.training.metrics import RunLogger, eval_set_records, peak_flops_per_device
 from ar_lm.training.optimizer import run_optimizer
 from ar_lm.training.state import abstract_state, init_state, state_shardings
 from ar_lm.training.step import make_train_step
@@ -114,12 +113,16 @@ def _has_trained(run_dir: Path) -> bool:
 
 
 def _pipelines(cfg: ExperimentConfig, dataset: TokenDataset):
-    """This process's train batches and val batches (both splits are checked here)."""
+    """This process's train batches, val batches and those of each `data.eval_sets` entry (name -> batches;
+    every split and eval set's tokenizer is checked here)."""
     pidx, pcount = jax.process_index(), jax.process_count()
     train_ds = train_dataset(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.data.shuffle_seed, pidx, pcount)
     val = eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_tokens, cfg.train.seed, "val",
                        pidx, pcount)  # the same windows at every evaluation
-    return train_ds, val
+    eval_sets = {s.name: eval_batches(data, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_tokens,
+                                      cfg.train.seed, s.split, pidx, pcount)
+                 for s, data in open_eval_sets(cfg.data.eval_sets, dataset)}
+    return train_ds, val, eval_sets
 
 
 def _check_finite(cfg: ExperimentConfig, bad_step: int, skips: int) -> None:
@@ -153,10 +156,11 @@ class _Run:
     step_fn: Callable
     eval_fn: Callable
     val: list
-    token_bytes: Any
+    token_tables: Any
     flops_per_token: float
     peak_flops: float  # all devices together
     train_split_tokens: int  # target tokens in the train split's windows (one epoch)
+    eval_sets: dict = dataclasses.field(default_factory=dict)  # name -> batches of each `data.eval_sets` entry
 
     @property
     def tokens_per_step(self) -> int:
@@ -178,7 +182,7 @@ def _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested) 
     return _finish(run, state, end, last_eval, log, first_step_time, t_start)
 
 
-def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds, val) -> Optional[_Run]:
+def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds, val, eval_sets) -> Optional[_Run]:
     """Mesh, optimizer, shardings, data, the restored (or fresh) state, compiled steps; None if the run
     has finished already."""
     mesh, rules = check_parallelism(cfg)
@@ -207,11 +211,11 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds
     return _Run(
         cfg, run_dir, mesh, rules, batch_sharding, ckpt, data_iter,
         RunLogger(run_dir, to_dict(cfg), cfg.logging, cfg.total_steps, resume_step=start), state, start,
-        make_train_step(cfg, tx, schedule, shardings, batch_sharding),
-        make_eval_step(cfg, shardings["params"], batch_sharding), val,
-        jnp.asarray(dataset.token_bytes()), flops_per_token(cfg.model, cfg.data.seq_len),
+        make_train_step(cfg, tx, schedule, shardings, batch_sharding, dataset.eos_id),
+        make_eval_step(cfg, shardings["params"], batch_sharding, dataset.eos_id), val,
+        token_tables(dataset), flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops_per_device(cfg.logging.peak_flops) * jax.device_count(),
-        split_windows(dataset, "train", cfg.data.seq_len) * cfg.data.seq_len,
+        split_windows(dataset, "train", cfg.data.seq_len) * cfg.data.seq_len, eval_sets,
     )
 
 
@@ -313,11 +317,17 @@ def _loop(run: _Run, end: int, stop_requested, log: _StepLog, t_start: float):
 
 
 def _evaluate(run: _Run, state: dict, step: int, log: bool = True) -> dict:
+    """The val scores, with {name: {loss, bpb}} of the eval sets and their macro average under "sets"."""
     with mesh_context(run.mesh, run.rules):
-        result = evaluate(run.eval_fn, state["params"], run.val, run.batch_sharding, run.token_bytes)
+        sets = [evaluate(run.eval_fn, state["params"], batches, run.batch_sharding, run.token_tables)
+                for batches in (run.val, *run.eval_sets.values())]
+    records = eval_set_records(step, dict(zip(run.eval_sets, sets[1:])))
     if log:
-        run.logger.log({"step": step, "split": "val", **result})
-    return result
+        for record in [{"step": step, "split": "val", **sets[0]}, *records]:
+            run.logger.log(record)
+    if not records:
+        return sets[0]
+    return {**sets[0], "sets": {r["split"].removeprefix("val/"): {"loss": r["loss"], "bpb": r["bpb"]} for r in records}}
 
 
 def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, first_step_time, t_start) -> TrainResult:

@@ -79,6 +79,17 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def eval_set_records(step: int, results: dict[str, dict]) -> list[dict]:
+    """metrics.jsonl records of the `data.eval_sets` scores (name -> `evaluate` result): split "val/<name>"
+    with loss and bpb (wandb: val/<name>/loss, val/<name>/bpb), then "val/macro", their unweighted mean."""
+    if not results:
+        return []
+    records = [{"step": step, "split": f"val/{name}", "loss": r["loss"], "bpb": r["bits_per_byte"],
+                "loss_se": r["loss_se"], "eval_tokens": r["eval_tokens"]} for name, r in results.items()]
+    macro = {k: float(np.mean([r[k] for r in records])) for k in ("loss", "bpb")}
+    return records + [{"step": step, "split": "val/macro", **macro}]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
@@ -128,6 +139,8 @@ class RunLogger:
         if r.get("split") == "val":
             msg = f"step {step}/{self.total_steps} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} bpb {r['bits_per_byte']:.4f}"
             end = "\n"
+        elif r.get("split", "").startswith("val/"):
+            msg, end = f"step {step}/{self.total_steps} {r['split']} loss {r['loss']:.4f} bpb {r['bpb']:.4f}", "\n"
         else:
             frac = step / self.total_steps
             bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))

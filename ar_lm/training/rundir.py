@@ -6,6 +6,7 @@
     RUN_DIR/checkpoints/<step> orbax checkpoints (train state + data iterator state)
     RUN_DIR/summary.json       final metrics, written atomically when the run finishes
     RUN_DIR/wandb/             wandb files (offline runs can be synced with `wandb sync`)
+    RUN_DIR/lm_eval/results.json  downstream task metrics of the latest checkpoint (`ar-lm lm-eval`)
     RUN_DIR/.lock              held while a trainer runs
 """
 
@@ -26,6 +27,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
+LM_EVAL_RESULTS = "lm_eval/results.json"  # `ar-lm lm-eval` (decoding/harness_command.py)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -42,6 +44,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 # how fast a run computes, not what: they may change on resume
 SPEED_FIELDS = ("model.remat", "model.attention", "model.scan_layers", "model.compute_dtype")
 DATA_ORDER_FIELDS = ("data.seq_len", "data.batch_size", "data.shuffle_seed")
+DATA_FUNCTION_FIELDS = ("data.document_mask",)  # what the model computes on the same windows
 TRAINING_FIELDS = ("train.steps", "train.tokens", "train.seed")  # with all of optim: the updates so far
 
 
@@ -52,8 +55,10 @@ def _flat(cfg: ExperimentConfig) -> dict:
 
 def function_differences(saved: ExperimentConfig, cfg: ExperimentConfig, trained: bool) -> list[tuple]:
     """(field, saved, new) for the fields that change the function a run computes or the order of its data:
-    the architecture and the data order; once it has trained, also the optimizer and the schedule's length."""
-    keys = [k for k in _flat(saved) if k.startswith("model.") and k not in SPEED_FIELDS] + list(DATA_ORDER_FIELDS)
+    the architecture (with document masking) and the data order; once it has trained, also the optimizer and
+    the schedule's length."""
+    keys = [k for k in _flat(saved) if k.startswith("model.") and k not in SPEED_FIELDS]
+    keys += list(DATA_FUNCTION_FIELDS) + list(DATA_ORDER_FIELDS)
     if trained:
         keys += [k for k in _flat(saved) if k.startswith("optim.")] + list(TRAINING_FIELDS)
     return [(k, was, now) for k, was, now in _changed(saved, cfg, keys)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from ar_lm.config import ExperimentConfig
+from ar_lm.model.attention import document_segment_ids
 from ar_lm.model.backend import cpu_compiler_options
 from ar_lm.model.transformer import apply
 from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
@@ -17,10 +18,22 @@ from ar_lm.training.optimizer import run_optimizer
 from ar_lm.training.state import abstract_state, state_shardings
 
 
-def loss_fn(params, batch_BxL1: jax.Array, cfg: ExperimentConfig):
-    """Mean next-token cross-entropy over the batch, plus `z_loss * mean(logsumexp^2)`."""
+def window_segment_ids(cfg: ExperimentConfig, inputs_BxL: jax.Array, eos_id: Optional[int]) -> Optional[jax.Array]:
+    """The segment ids of training windows under `data.document_mask` (None when it is off): derived from
+    the window's own tokens in the jitted step (`document_segment_ids`, one cumsum), so a batch stays one
+    int array; `eos_id` is the dataset's end-of-document id (`TokenDataset.eos_id`)."""
+    if not cfg.data.document_mask:
+        return None
+    if eos_id is None:
+        raise ValueError("data.document_mask needs the dataset's eos_id")
+    return document_segment_ids(inputs_BxL, eos_id)
+
+
+def loss_fn(params, batch_BxL1: jax.Array, cfg: ExperimentConfig, eos_id: Optional[int] = None):
+    """Mean next-token cross-entropy over the batch, plus `z_loss * mean(logsumexp^2)`; attention stays
+    inside documents under `data.document_mask` (see `window_segment_ids`)."""
     inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
-    logits_BxLxV = apply(cfg.model, params, inputs_BxL)
+    logits_BxLxV = apply(cfg.model, params, inputs_BxL, segment_ids_BxL=window_segment_ids(cfg, inputs_BxL, eos_id))
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
     ce = jnp.mean(lse_BxL - target_logit_BxL)
@@ -37,16 +50,16 @@ def micro_batches(batch_BxL1: jax.Array, accum: int) -> jax.Array:
     return batch_BxL1.reshape(-1, accum, batch_BxL1.shape[-1]).swapaxes(0, 1)
 
 
-def _grads(cfg: ExperimentConfig, params, batch_BxL1):
+def _grads(cfg: ExperimentConfig, params, batch_BxL1, eos_id: Optional[int]):
     """(mean cross-entropy, gradients) over the batch, accumulated over `optim.grad_accum` micro-batches."""
     accum = cfg.optim.grad_accum
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (_, ce), grads = grad_fn(params, batch_BxL1, cfg)
+        (_, ce), grads = grad_fn(params, batch_BxL1, cfg, eos_id)
         return ce, grads
 
     def body(carry, mb):
-        (_, ce_i), g_i = grad_fn(params, mb, cfg)
+        (_, ce_i), g_i = grad_fn(params, mb, cfg, eos_id)
         return jax.tree.map(jnp.add, carry, (g_i, ce_i)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
@@ -54,15 +67,17 @@ def _grads(cfg: ExperimentConfig, params, batch_BxL1):
     return ce / accum, jax.tree.map(lambda g: g / accum, grads)
 
 
-def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_sharding) -> Callable:
+def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_sharding,
+                    eos_id: Optional[int] = None) -> Callable:
     """The jitted step. `tx` is the optimizer with a unit learning rate: the step scales its updates by
     `schedule(step)` of the global step, so the applied and the logged learning rate are one, and a
-    skipped (non-finite) step still advances the schedule: it ends at the last step."""
+    skipped (non-finite) step still advances the schedule: it ends at the last step. `eos_id`: the
+    dataset's end-of-document id (needed by `data.document_mask`)."""
     nan_steps = np.asarray(cfg.train.debug_nan_steps, np.int32)
 
     def step_fn(state, batch_BxL1):
         params = state["params"]
-        ce, grads = _grads(cfg, params, batch_BxL1)
+        ce, grads = _grads(cfg, params, batch_BxL1, eos_id)
         if nan_steps.size:  # fault injection for tests only: a NaN loss at the configured (1-based) steps
             poison = jnp.where(jnp.isin(state["step"] + 1, nan_steps), jnp.nan, 1.0)
             ce, grads = ce * poison, jax.tree.map(lambda g: g * poison, grads)
@@ -94,7 +109,7 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
     )
 
 
-def compile_train_step(cfg: ExperimentConfig):
+def compile_train_step(cfg: ExperimentConfig, eos_id: Optional[int] = None):
     """Compile the train step for `cfg` without creating any arrays (for memory and cost
     analysis): returns (compiled step, abstract state with its shardings)."""
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
@@ -104,4 +119,4 @@ def compile_train_step(cfg: ExperimentConfig):
     batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
     batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), np.int32, sharding=batch_sh)
     with mesh_context(mesh, rules):
-        return make_train_step(cfg, tx, schedule, shardings, batch_sh).lower(state, batch).compile(), state
+        return make_train_step(cfg, tx, schedule, shardings, batch_sh, eos_id).lower(state, batch).compile(), state
