@@ -11,7 +11,7 @@ import sys
 
 from ar_lm.errors import EXIT_FAILURE, EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError
 
-COMPILING = ("train", "cooldown", "eval", "generate", "lm-eval")  # they keep JAX's persistent compilation cache
+COMPILING = ("train", "cooldown", "eval", "generate", "lm-eval", "compress", "decompress")  # they keep JAX's persistent compilation cache
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,12 +20,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prepare(p) -> None:
-    p.add_argument("--source", choices=("stdlib", "files", "synthetic"), required=True)
-    p.add_argument("--files", nargs="*", default=[], help="files, globs or directories (.txt/.jsonl/.parquet); "
-                   "with --val-files: the train split")
+    p.add_argument("--source", choices=("stdlib", "files", "synthetic", "images", "audio"), required=True)
+    p.add_argument("--files", nargs="*", default=[], help="files, globs or directories (.txt/.jsonl/.parquet; "
+                   "images: PNG/JPEG; audio: WAV); with --val-files: the train split")
     p.add_argument("--val-files", nargs="*", default=[], help="the val split's files (no hash split then)")
     p.add_argument("--test-files", nargs="*", default=[], help="a test split's files")
-    p.add_argument("--tokenizer", choices=("sentencepiece", "byte", "char"), default="byte")
+    p.add_argument("--tokenizer", choices=("sentencepiece", "byte", "char"), help="text sources (default byte)")
     p.add_argument("--tokenizer-from", metavar="DATA_DIR", help="use this dataset's tokenizer instead of training "
                    "one (the same tokens: e.g. for data.eval_sets); --files may then be left out")
     p.add_argument("--vocab-size", type=int, default=0, help="sentencepiece (required) or char (cap)")
@@ -44,6 +44,13 @@ def _prepare(p) -> None:
     p.add_argument("--synthetic-order", type=int, default=3, help="synthetic: Markov order k")
     p.add_argument("--synthetic-branching", type=int, default=4, help="synthetic: successors per context")
     p.add_argument("--seed", type=int, default=0, help="synthetic: source seed")
+    p.add_argument("--size", metavar="HxW", help="images: resize every image to H x W (default: their own size)")
+    p.add_argument("--channels", type=int, help="images: 1 (grayscale) or 3 (RGB) (default: the images' own)")
+    p.add_argument("--bits", type=int, help="images: 2^bits intensity levels, 1..8 (default 8)")
+    p.add_argument("--npz", metavar="FILE", help="images: a .npz array [N, H, W] or [N, H, W, C] (uint8) instead of files")
+    p.add_argument("--npz-key", help="images: the array in --npz (default: the first)")
+    p.add_argument("--sample-rate", type=int, help="audio: resample to R Hz (default 16000)")
+    p.add_argument("--mu-law", type=int, help="audio: mu-law codes (default 256, 8 bits)")
 
 
 def _experiment(p, run_dir: bool = True) -> None:
@@ -192,6 +199,11 @@ def _generate(p) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (not streamed when > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON with tokens and log-probs instead of text")
+    p.add_argument("--image-out", help="image run: write --num-samples whole images as one grid PNG here")
+    p.add_argument("--prompt-image", help="image run: complete this image's top --prompt-rows rows")
+    p.add_argument("--prompt-rows", type=int, help="with --prompt-image: rows given (1 <= R < the height)")
+    p.add_argument("--audio-out", help="audio run: write --seconds of audio as a 16-bit mono WAV here")
+    p.add_argument("--seconds", type=float, help="with --audio-out: length of the audio (may exceed the context)")
 
 
 def _lm_eval(p) -> None:
@@ -202,6 +214,14 @@ def _lm_eval(p) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--json", action="store_true", help="print the step and the metrics as JSON")
+
+
+def _codec(verb: str):
+    def add(p) -> None:
+        p.add_argument("run_dir", help="the run whose model codes the file (its latest checkpoint)")
+        p.add_argument("input", metavar="IN", help=f"the file to {verb}")
+        p.add_argument("output", metavar="OUT", help="the file to write (must not exist)")
+    return add
 
 
 def _import_hf(p) -> None:
@@ -216,7 +236,7 @@ def _export_hf(p) -> None:
 
 # command -> (help, argument builder, module, function); the module is imported only when its command runs
 COMMANDS = {
-    "prepare": ("tokenize a text source into a dataset directory", _prepare, "ar_lm.data.prepare", "prepare_command"),
+    "prepare": ("tokenize a text, image or audio source into a dataset directory", _prepare, "ar_lm.data.prepare", "prepare_command"),
     "train": ("train (or resume) an experiment", _train, "ar_lm.training.command", "train_command"),
     "cooldown": ("branch a WSD cooldown for budget D from a constant-lr trunk's checkpoint", _cooldown,
                  "ar_lm.training.command", "cooldown_command"),
@@ -231,10 +251,14 @@ COMMANDS = {
                 "compare_command"),
     "launch": ("run an ar-lm command on a TPU pod, a Slurm cluster or N local processes", _launch,
                "ar_lm.parallel.launch", "launch_command"),
-    "generate": ("generate text from a run's latest checkpoint (streamed)", _generate, "ar_lm.decoding.command",
-                 "generate_command"),
+    "generate": ("generate text (streamed), images or audio from a run's latest checkpoint", _generate,
+                 "ar_lm.decoding.command", "generate_command"),
     "lm-eval": ("run lm-evaluation-harness tasks on a run's latest checkpoint (needs ar_lm[eval])", _lm_eval,
                 "ar_lm.decoding.harness_command", "lm_eval_command"),
+    "compress": ("compress a file by range coding with a run's next-token distributions (needs ar_lm[compress])",
+                 _codec("compress"), "ar_lm.decoding.compress_command", "compress_command"),
+    "decompress": ("decompress a file `ar-lm compress` wrote, with the same run", _codec("decompress"),
+                   "ar_lm.decoding.compress_command", "decompress_command"),
     "import-hf": ("import a Hugging Face GPT-2 / Llama directory as an ar_lm run", _import_hf, "ar_lm.interop.hf",
                   "import_hf_command"),
     "export-hf": ("export a run as a Hugging Face directory (config.json + safetensors)", _export_hf,

@@ -1,5 +1,5 @@
-"""`ar-lm prepare`: read a source (standard library, files, or a synthetic Markov chain), tokenize it,
-and write a dataset directory. Sweeps make their dataset the same way (`make_dataset`).
+"""`ar-lm prepare`: read a source (standard library, files, a synthetic Markov chain, images or audio),
+tokenize it, and write a dataset directory. Sweeps make their dataset the same way (`make_dataset`).
 
 Files come with their splits (`val_files`, `test_files`: benchmark splits such as WikiText's
 train/valid/test) or are split by a hash of each document's name (`val_fraction`); the tokenizer is
@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Sequence
 
 from ar_lm.data.dataset import TokenDataset, require_fresh_output
+from ar_lm.data.media import MediaOptions, media_corpora, parse_size
 from ar_lm.data.sources import FileCorpus, stdlib_documents
 from ar_lm.data.synthetic import synthetic_splits
 from ar_lm.data.tokenizers import Tokenizer, check_tokenizer_args
 from ar_lm.data.writer import write_dataset
 from ar_lm.errors import UserError, require
 
-SOURCES = ("stdlib", "files", "synthetic")
+MEDIA_SOURCES = ("images", "audio")  # documents of intensity levels or mu-law codes (`ar_lm.data.media`)
+SOURCES = ("stdlib", "files", "synthetic", *MEDIA_SOURCES)
 
 
 def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, val_fraction: float = 0.05,
@@ -27,13 +29,18 @@ def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, va
                  synthetic_tokens: int = 2_000_000, synthetic_vocab: int = 32, synthetic_order: int = 3,
                  synthetic_branching: int = 4, seed: int = 0, val_files: Sequence[str] = (),
                  test_files: Sequence[str] = (), buffer_mb: float = 64.0, workers: int = 0,
-                 tokenizer_from: str = "") -> dict:
+                 tokenizer_from: str = "", media: MediaOptions | None = None) -> dict:
     """Write the dataset directory `out` (see `write_dataset`) from `source`; returns its metadata.
     `max_mb` limits the train (or hash-split) input only: explicit val and test files are read whole.
     `tokenizer_from`: a dataset directory whose tokenizer to use (e.g. for `data.eval_sets`); then the
-    train files may be left out."""
+    train files may be left out. `media`: the options of --source images|audio."""
     require(0 < val_fraction < 1, f"--val-fraction must lie in (0, 1), got {val_fraction}: training evaluates on "
                                   "the val split")
+    if source in MEDIA_SOURCES:
+        return _make_media_dataset(Path(out), source, media or MediaOptions(), files, val_files, test_files,
+                                   val_fraction, buffer_mb)
+    require(media is None or media == MediaOptions(), f"--size, --channels, --bits, --npz, --sample-rate and --mu-law "
+                                                       f"belong to --source images|audio, not --source {source}")
     require(source == "files" or not (val_files or test_files),
             f"--val-files and --test-files name files of --source files, not --source {source}: "
             "drop them or use --source files")
@@ -69,6 +76,19 @@ def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, va
                          source=source_meta, splits=splits, buffer_mb=buffer_mb, workers=workers, tokenizer=existing)
 
 
+def _make_media_dataset(out: Path, source: str, opts: MediaOptions, files: Sequence[str], val_files: Sequence[str],
+                        test_files: Sequence[str], val_fraction: float, buffer_mb: float) -> dict:
+    """Images or audio: documents by a hash of their names into train and val (or the files' own splits)."""
+    require_fresh_output(out.absolute())
+    corpora, tokenizer, meta = media_corpora(source, opts, {"train": files, "val": val_files, "test": test_files})
+    source_meta = {"kind": source, "files": {split: c.files() for split, c in corpora.items()}}
+    docs, splits = (), dict(corpora)
+    if "val" not in corpora and "train" in corpora:
+        docs = splits.pop("train")  # split by name hash into train and val
+    return write_dataset(out, docs, val_fraction=val_fraction, source=source_meta, splits=splits, buffer_mb=buffer_mb,
+                         tokenizer=tokenizer, media=meta)
+
+
 def _existing_tokenizer(data_dir: str, vocab_size: int) -> Tokenizer:
     require(not vocab_size, "--vocab-size belongs to a tokenizer trained here: drop it with --tokenizer-from")
     dataset = TokenDataset(data_dir)
@@ -79,11 +99,17 @@ def prepare_command(args) -> int:
     """`ar-lm prepare ...`: prints the output directory, vocabulary size and split sizes as JSON."""
     require(args.source != "synthetic" or args.tokenizer == "char",
             "--source synthetic uses --tokenizer char (one token per symbol)")
+    require(args.source not in MEDIA_SOURCES or not (args.tokenizer or args.vocab_size or args.tokenizer_from
+                                                     or args.max_mb),
+            f"--tokenizer, --vocab-size, --tokenizer-from and --max-mb apply to text: --source {args.source} has its "
+            "own tokens (intensity levels or mu-law codes)")
     require(args.workers >= 0, f"--workers must be >= 0 (0: one per core), got {args.workers}")
-    meta = make_dataset(Path(args.out), args.source, args.tokenizer, args.vocab_size, args.val_fraction, args.max_mb,
-                        args.files, args.sp_model_type, args.synthetic_tokens, args.synthetic_vocab,
+    media = MediaOptions(parse_size(args.size) if args.size is not None else None, args.channels, args.bits,
+                         args.npz or "", args.npz_key or "", args.sample_rate, args.mu_law)
+    meta = make_dataset(Path(args.out), args.source, args.tokenizer or "byte", args.vocab_size, args.val_fraction,
+                        args.max_mb, args.files, args.sp_model_type, args.synthetic_tokens, args.synthetic_vocab,
                         args.synthetic_order, args.synthetic_branching, args.seed, args.val_files, args.test_files,
-                        args.buffer_mb, args.workers, args.tokenizer_from or "")
+                        args.buffer_mb, args.workers, args.tokenizer_from or "", media)
     splits = {k: {key: v[key] for key in ("tokens", "bytes", "documents", "words")} for k, v in meta["splits"].items()}
     print(json.dumps({"out": str(Path(args.out).absolute()), "vocab_size": meta["tokenizer"]["vocab_size"],
                       "splits": splits}))

@@ -15,12 +15,15 @@ import json
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from ar_lm.errors import UserError, require
 from ar_lm.io import sha256_file
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SPLITS = ("train", "val", "test")
 PIECE_CHARS = 1 << 18  # a text file is read (and tokenized) in pieces of about this many characters
@@ -28,11 +31,18 @@ PIECE_CHARS = 1 << 18  # a text file is read (and tokenized) in pieces of about 
 
 @dataclass(frozen=True)
 class Document:
-    """A document, or a piece of one: `ends` is false for every piece of a file but its last."""
+    """A document, or a piece of one: `ends` is false for every piece of a file but its last. `ids`: a media
+    document's ready token ids (`ar_lm.data.media`; its text is then empty)."""
 
     name: str
     text: str
     ends: bool = True
+    ids: Optional["np.ndarray"] = field(default=None, compare=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        """Its weight in a tokenizing buffer: characters, or ready ids."""
+        return len(self.text) if self.ids is None else len(self.ids)
 
 
 def stdlib_documents(max_bytes: int) -> list[Document]:
@@ -63,7 +73,8 @@ def _say_truncated(max_bytes: int, total: int, what: str) -> None:
           "the rest of the source is left out (--max-mb 0 reads it all)", file=sys.stderr, flush=True)
 
 
-def _expand(patterns: Sequence[str], flag: str) -> list[Path]:
+def expand_paths(patterns: Sequence[str], flag: str) -> list[Path]:
+    """The files that `patterns` (paths, globs, directories) name, in order; a UserError for one that is missing."""
     paths: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
@@ -89,7 +100,7 @@ class FileCorpus:
     def __init__(self, patterns: Sequence[str], max_bytes: int = 0, flag: str = "--files"):
         require(patterns, f"--source files needs {flag} PATH [PATH ...]")
         self.patterns, self.max_bytes, self.flag = list(patterns), max_bytes, flag
-        self.paths = _expand(patterns, flag)
+        self.paths = expand_paths(patterns, flag)
         self.root = Path(os.path.commonpath([str(p.absolute().parent) for p in self.paths]))
         for path in self.paths:
             if path.suffix.lower() not in (".jsonl", ".parquet"):

@@ -1,4 +1,5 @@
-"""A seeded stationary source with an exactly known entropy rate (the loss floor).
+"""Seeded synthetic data: a stationary source with an exactly known entropy rate (the loss floor), and
+procedurally generated images (`shape_images`, the pixel example sweep's data).
 
 A sparse order-k Markov chain over `vocab` symbols: each context (the last k symbols) has
 `branching` possible successors with probabilities drawn from a Dirichlet(`concentration`).
@@ -97,3 +98,23 @@ def synthetic_splits(tokens: int, val_fraction: float, vocab: int, order: int, b
     info = {"kind": "synthetic", "vocab": vocab, "order": order, "branching": branching, "seed": seed,
             "entropy_rate_nats": source.entropy_rate}
     return splits, info
+
+
+def shape_images(n: int, height: int, width: int, seed: int) -> np.ndarray:
+    """[n, H, W] uint8 grayscale images made procedurally: a linear gradient background and up to three
+    filled rectangles or ellipses of random intensity, position and size (each present with probability
+    0.7, later ones on top), so a pixel is mostly predictable from its neighbours above and to the left."""
+    require(n >= 1 and height >= 2 and width >= 2, f"shape images need n >= 1 and sides >= 2, got {n}x{height}x{width}")
+    rng = np.random.default_rng([seed, 0x5EA9E5])
+    y_HxW, x_HxW = np.mgrid[0:height, 0:width] / max(height - 1, width - 1)
+    base, gy, gx = rng.uniform(0, 255, (n, 1, 1)), *rng.uniform(-96, 96, (2, n, 1, 1))
+    image_NxHxW = base + gx * x_HxW + gy * y_HxW
+    for _ in range(3):
+        present, ellipse = rng.random((n, 1, 1)) < 0.7, rng.random((n, 1, 1)) < 0.5
+        cy, cx = rng.uniform(0, 1, (2, n, 1, 1))
+        ry, rx = rng.uniform(0.12, 0.4, (2, n, 1, 1))
+        rectangle = (np.abs(y_HxW - cy) <= ry) & (np.abs(x_HxW - cx) <= rx)
+        disc = ((y_HxW - cy) / ry) ** 2 + ((x_HxW - cx) / rx) ** 2 <= 1
+        inside = present & np.where(ellipse, disc, rectangle)
+        image_NxHxW = np.where(inside, rng.uniform(0, 255, (n, 1, 1)), image_NxHxW)
+    return np.clip(np.rint(image_NxHxW), 0, 255).astype(np.uint8)

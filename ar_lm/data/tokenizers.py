@@ -1,6 +1,6 @@
-"""Tokenizers: lossless sentencepiece (BPE/unigram), bytes, and characters with byte fallback.
+"""Tokenizers: lossless sentencepiece (BPE/unigram), bytes, characters with byte fallback, and media levels.
 
-Every tokenizer round-trips any UTF-8 text exactly, and knows how many UTF-8 bytes each token
+Every text tokenizer round-trips any UTF-8 text exactly, and each knows how many UTF-8 bytes each token
 stands for (`token_bytes`), so bits per byte is computed from the evaluated tokens themselves, and how
 many characters (`token_chars`: its UTF-8 bytes that are not continuation bytes 0x80..0xBF, so the sum
 over any text's tokens is its character count) for bits per character.
@@ -203,7 +203,38 @@ class SentencePieceTokenizer:
         return path
 
 
-Tokenizer = ByteTokenizer | CharTokenizer | SentencePieceTokenizer
+class LevelTokenizer:
+    """Media tokens (`ar_lm.data.media`): ids 0..levels-1 are intensity levels (images: 2^bits) or mu-law codes
+    (audio), `levels` is end-of-document. Each level counts as one byte and no character, so bits per byte is
+    bits per dimension (sub-pixel or sample). There is no text to encode; decode writes the levels as numbers."""
+
+    kind = "levels"
+    filename = "tokenizer.json"
+
+    def __init__(self, levels: int):
+        self.levels = int(levels)
+        self.eos_id = self.levels
+        self.vocab_size = self.levels + 1
+
+    def encode(self, text: str) -> list[int]:
+        raise UserError("a levels tokenizer (images, audio) encodes no text: give media tokens, not a text prompt")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids if 0 <= i < self.levels)
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([1] * self.levels + [0], np.int32)
+
+    def token_chars(self) -> np.ndarray:
+        return np.zeros(self.vocab_size, np.int32)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / self.filename
+        path.write_text(json.dumps({"kind": "levels", "levels": self.levels}) + "\n")
+        return path
+
+
+Tokenizer = ByteTokenizer | CharTokenizer | SentencePieceTokenizer | LevelTokenizer
 
 
 def check_tokenizer_args(kind: str, vocab_size: int) -> None:
@@ -235,4 +266,6 @@ def load_tokenizer(directory: Path, kind: str) -> Tokenizer:
         return ByteTokenizer()
     if data.get("kind") == "char":
         return CharTokenizer(data["chars"])
+    if data.get("kind") == "levels":
+        return LevelTokenizer(data["levels"])
     raise UserError(f"tokenizer file {path} holds unknown kind {data.get('kind')!r}")

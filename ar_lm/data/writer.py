@@ -33,6 +33,7 @@ from ar_lm.data.sources import Document, split_of
 from ar_lm.data.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
+    LevelTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     check_tokenizer_args,
@@ -49,11 +50,12 @@ def write_dataset(out: Path, docs: Iterable[Document] = (), tokenizer_kind: str 
                   val_fraction: float = 0.05, shard_tokens: int = 1 << 24, sp_model_type: str = "bpe",
                   source: dict | None = None, splits: dict[str, Iterable[Document]] | None = None,
                   buffer_mb: float = 64.0, workers: int = 0, sp_sample_mb: float = 20.0,
-                  tokenizer: Tokenizer | None = None) -> dict:
+                  tokenizer: Tokenizer | None = None, media: dict | None = None) -> dict:
     """Tokenize `docs` (split by name hash) and the explicit `splits` into a dataset directory at `out`,
     which must not exist or be empty; returns its metadata. `tokenizer`: an existing one (another dataset's,
     so that both score the same tokens) instead of one trained on the train split. `workers` 0: one tokenizer
-    process per core for corpora of PARALLEL_MIN_CHARS or more (sentencepiece, char), else this process."""
+    process per core for corpora of PARALLEL_MIN_CHARS or more (sentencepiece, char), else this process.
+    `media`: metadata of a media dataset ("modality" and its shape; documents with ready ids, read here)."""
     out = Path(out).absolute()
     require_fresh_output(out)
     if tokenizer is None:
@@ -72,6 +74,7 @@ def write_dataset(out: Path, docs: Iterable[Document] = (), tokenizer_kind: str 
         tok_path = tokenizer.save(tmp)
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in survey.documents}
         n_workers = workers or (cpu_cores() if survey.chars >= PARALLEL_MIN_CHARS and tokenizer.kind != "byte" else 1)
+        n_workers = 1 if tokenizer.kind == LevelTokenizer.kind else n_workers  # media ids come ready
         _tokenize(streams, survey, tokenizer, tmp, writers, int(buffer_mb * 1e6), n_workers)
         meta = {
             "format": FORMAT_VERSION,
@@ -80,6 +83,7 @@ def write_dataset(out: Path, docs: Iterable[Document] = (), tokenizer_kind: str 
             "dtype": np.dtype(dtype).name,
             "source": source or {},
             "splits": {s: w.close() for s, w in writers.items()},
+            **(media or {}),
         }
         atomic_write_json(tmp / "metadata.json", meta)
         if out.exists():
@@ -119,7 +123,7 @@ def _survey(streams: Sequence[Stream], val_fraction: float, kind: str, sample_ch
         for doc in corpus:
             split = survey.split(tag, doc)
             survey.documents[split] = survey.documents.get(split, 0) + doc.ends
-            survey.chars += len(doc.text)
+            survey.chars += doc.size
             if split != "train":
                 continue
             if not tag:
@@ -190,7 +194,7 @@ class _SplitWriter:
 
     def add(self, doc: Document, ids: np.ndarray, eos_id: int) -> int:
         """Append one document (or piece) and, when it ends the document, the end-of-document id; returns
-        its UTF-8 bytes."""
+        its UTF-8 bytes (a media document: its ids, one byte each; no characters, no words)."""
         n_tokens = len(ids) + doc.ends
         if n_tokens:
             if self._file is None:
@@ -204,7 +208,7 @@ class _SplitWriter:
         info = self.info
         info["documents"] += doc.ends
         info["tokens"] += n_tokens
-        n_bytes = len(doc.text.encode("utf-8"))
+        n_bytes = len(doc.text.encode("utf-8")) if doc.ids is None else len(doc.ids)
         info["bytes"] += n_bytes
         info["chars"] += len(doc.text)
         info["words"] += len(doc.text.split())  # pieces are cut after a newline: word counts add up
@@ -252,7 +256,7 @@ def _chunks(streams: Sequence[Stream], survey: _Survey, chunk_chars: int):
         for doc in corpus:
             splits.append(survey.split(tag, doc))
             docs.append(doc)
-            chars += len(doc.text)
+            chars += doc.size
             if chars >= chunk_chars:
                 yield splits, docs
                 splits, docs, chars = [], [], 0
@@ -273,8 +277,12 @@ def _tokenize(streams, survey: _Survey, tokenizer: Tokenizer, tok_dir: Path, wri
     try:
         pending = collections.deque()
         for splits, docs in _chunks(streams, survey, chunk_chars):
-            texts = [d.text for d in docs]
-            pending.append((splits, docs, pool.submit(_encode_in_worker, texts) if pool else encode_texts(tokenizer, texts)))
+            if docs[0].ids is not None:  # media documents come with their ids
+                encoded = [d.ids for d in docs]
+            else:
+                texts = [d.text for d in docs]
+                encoded = pool.submit(_encode_in_worker, texts) if pool else encode_texts(tokenizer, texts)
+            pending.append((splits, docs, encoded))
             while pending and (len(pending) > 2 * workers or not pool):
                 _write_chunk(*pending.popleft(), writers, tokenizer.eos_id, progress)
         while pending:
@@ -288,7 +296,7 @@ def _tokenize(streams, survey: _Survey, tokenizer: Tokenizer, tok_dir: Path, wri
 def _write_chunk(splits, docs, encoded, writers, eos_id: int, progress: "_Progress") -> None:
     ids = encoded.result() if isinstance(encoded, concurrent.futures.Future) else encoded
     n_bytes = sum(writers[split].add(doc, doc_ids, eos_id) for split, doc, doc_ids in zip(splits, docs, ids))
-    progress.advance(sum(d.ends for d in docs), sum(len(d.text) for d in docs), n_bytes)
+    progress.advance(sum(d.ends for d in docs), sum(d.size for d in docs), n_bytes)
 
 
 class _Progress:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ar_lm.config import ModelConfig
 from ar_lm.data.tokenizers import load_tokenizer
+from ar_lm.decoding import media
 from ar_lm.decoding.beam import beam_search
 from ar_lm.decoding.decoder import generate
 from ar_lm.decoding.sampling import Sampling
@@ -96,12 +97,13 @@ class TextStream:
         self.printed = text
 
 
-def _sampling(args) -> Sampling:
-    """The sampler the flags ask for, checking the flags that do not combine."""
+def _sampling(args, vocab_limit: int = 0) -> Sampling:
+    """The sampler the flags ask for (vocab_limit: only ids below it), checking the flags that do not combine."""
     sampling_flags = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
                       "--min-p": args.min_p}
     sampling = Sampling.create(1.0 if args.temperature is None else args.temperature, args.top_k,
-                               1.0 if args.top_p is None else args.top_p, 0.0 if args.min_p is None else args.min_p)
+                               1.0 if args.top_p is None else args.top_p, 0.0 if args.min_p is None else args.min_p,
+                               vocab_limit)
     require(args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}")
     require(args.beams >= 1, f"--beams must be >= 1, got {args.beams}")
     if args.beams > 1:
@@ -109,13 +111,19 @@ def _sampling(args) -> Sampling:
         require(not given, f"beam search is deterministic: drop {', '.join(given)} or --beams")
         require(args.draft is None, "beam search and speculative decoding do not combine: drop --draft or --beams")
         require(args.num_samples == 1, "beam search returns --beams hypotheses: drop --num-samples")
-    require((args.prompt is None) != (args.prompt_ids is None), "give --prompt TEXT or --prompt-ids IDS (one of them)")
     return sampling
 
 
 def generate_command(args) -> int:
-    """`ar-lm generate RUN_DIR --prompt TEXT | --prompt-ids IDS ...` (see `ar_lm.cli`)."""
+    """`ar-lm generate RUN_DIR --prompt TEXT | --prompt-ids IDS | --image-out PNG | --audio-out WAV ...`
+    (see `ar_lm.cli`)."""
+    if args.image_out is not None or args.audio_out is not None:
+        return _media_command(args)
+    stray = [flag for flag, value in (("--prompt-image", args.prompt_image), ("--prompt-rows", args.prompt_rows),
+                                      ("--seconds", args.seconds)) if value is not None]
+    require(not stray, f"{', '.join(stray)} go with --image-out or --audio-out: add one or drop them")
     sampling = _sampling(args)
+    require((args.prompt is None) != (args.prompt_ids is None), "give --prompt TEXT or --prompt-ids IDS (one of them)")
     target = load_run(args.run_dir)  # config and tokenizer: check everything before restoring anything
     if args.draft is not None:
         _check_same_tokenizer(target, load_run(args.draft), args.draft)
@@ -143,6 +151,36 @@ def generate_command(args) -> int:
     if not args.json:
         _report(sum(len(s["tokens"]) for s in samples), len(samples), time.perf_counter() - t0, extra,
                 args.draft_tokens)
+    return 0
+
+
+def _media_command(args) -> int:
+    """`--image-out`: K images (completing --prompt-image's top rows) as one grid PNG; `--audio-out`: a WAV.
+    Every flag is checked before the parameters are restored; the file is written once generation is done."""
+    target = load_run(args.run_dir)
+    spec = media.media_spec(args.run_dir)
+    media.check_media_args(args, spec, args.run_dir)
+    sampling = _sampling(args, vocab_limit=spec.levels)
+    sampling.check_vocab(target.cfg.vocab_size)
+    prompt_levels = [] if args.prompt_image is None else media.image_prompt(spec, args.prompt_image, args.prompt_rows)
+    mesh, rules = decode_mesh(args.run_dir)
+    target = load_run(args.run_dir, mesh, rules)
+    t0 = time.perf_counter()
+    with mesh_context(mesh, rules):
+        if args.image_out is not None:
+            ids_KxT, n_tokens = media.generate_images(target.cfg, target.params, spec, prompt_levels,
+                                                      args.num_samples, sampling, args.seed)
+        else:
+            codes = media.generate_audio(target.cfg, target.params, spec, args.seconds, sampling, args.seed)
+    seconds = time.perf_counter() - t0
+    if args.image_out is not None:
+        media.write_images(args.image_out, spec, ids_KxT)
+        out = {"path": str(args.image_out), "samples": args.num_samples, "tokens": n_tokens}
+    else:
+        media.write_audio(args.audio_out, spec, codes)
+        out = {"path": str(args.audio_out), "samples": 1, "tokens": len(codes),
+               "audio_seconds": len(codes) / spec.sample_rate}
+    print(json.dumps({**out, "seconds": round(seconds, 3)}))
     return 0
 
 

@@ -10,7 +10,8 @@ every row writes its next token to the same cache slot and gets exactly what it 
 `generate`: prefill (one forward pass over the prompts into a cache of P + N - 1 slots), then `lax.scan`
 over N - 1 one-token steps (or `lax.while_loop` that stops once every row has emitted EOS), all in one
 jitted program. The cache is a loop carry that each layer updates in place; every step attends over all
-S slots (masked by slot position), so its cost depends on S, not on the position.
+S slots (masked by slot position), so its cost depends on S, not on the position. `generate_sliding` goes
+past the context: once it is full, re-prefill each row's last max_seq_len // 2 tokens and go on.
 
 Returned log-probabilities are the model's own: log softmax of the unfiltered logits at temperature 1
 (what teacher-forced scoring of the generated sequence gives), whatever sampler picked the token.
@@ -214,6 +215,32 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     out = _generate_jit(cfg, params, prompt_BxP, lens_B, sampling, seed_array(seed), max_new_tokens=max_new_tokens,
                         eos_id=eos_id, pad_id=pad_id_for(eos_id, pad_id), loop=loop)
     return Generation(*jax.device_get(out))
+
+
+def generate_sliding(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     sampling: Sampling = GREEDY, *, seed: int = 0, keep: int = 0) -> Generation:
+    """`generate` past the model's context (no EOS stop): decode what fits after the prompts; while more is
+    asked, re-prefill each row's last `keep` tokens (default max_seq_len // 2) and decode max_seq_len - keep
+    more (one compiled shape for all continuations, the last one cut); a prompt that fills the context starts
+    from its last `keep` tokens. Chunk 0 uses `seed` (so a request that fits equals `generate`), chunk i a seed
+    drawn from (seed, i)."""
+    ctx = cfg.max_seq_len
+    keep = keep or ctx // 2
+    require(0 < keep < ctx, f"keep must lie in [1, {ctx - 1}] (the context is {ctx}), got {keep}")
+    require(isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens > 0,
+            f"max-new-tokens must be a positive integer, got {max_new_tokens}")
+    cfg, params = for_decoding(cfg, params)  # once, not per chunk
+    rows = [[int(t) for t in (p if len(p) < ctx else p[-keep:])] for p in prompts]
+    longest = max((len(r) for r in rows), default=0)
+    n_first = min(max_new_tokens, ctx - longest)
+    parts = [generate(cfg, params, rows, n_first, sampling, seed=seed, loop="scan")]
+    for i in range(1, 1 + -(-(max_new_tokens - n_first) // (ctx - keep))):
+        rows = [(r + t.tolist())[-keep:] for r, t in zip(rows, parts[-1].tokens)]
+        chunk_seed = int(np.random.SeedSequence([seed % (1 << 32), i]).generate_state(1)[0])
+        parts.append(generate(cfg, params, rows, ctx - keep, sampling, seed=chunk_seed, loop="scan", pad_to=keep))
+    tokens = np.concatenate([g.tokens for g in parts], axis=1)[:, :max_new_tokens]
+    logprobs = np.concatenate([g.logprobs for g in parts], axis=1)[:, :max_new_tokens]
+    return Generation(tokens, logprobs, np.full(len(tokens), max_new_tokens, np.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "eos_id"))

@@ -33,25 +33,31 @@ class Sampling:
     use_top_k: bool = flax.struct.field(pytree_node=False)
     use_top_p: bool = flax.struct.field(pytree_node=False)
     use_min_p: bool = flax.struct.field(pytree_node=False)
+    vocab_limit: int = flax.struct.field(pytree_node=False, default=0)  # > 0: only ids below it (media: no eos)
 
     @classmethod
-    def create(cls, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0, min_p: float = 0.0):
-        """Validate and build. top_k None = off; top_p 1 = off; min_p 0 = off (filters compose in this order)."""
+    def create(cls, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0, min_p: float = 0.0,
+               vocab_limit: int = 0):
+        """Validate and build. top_k None = off; top_p 1 = off; min_p 0 = off (filters compose in this order);
+        vocab_limit > 0 samples only ids < vocab_limit (their logits renormalised, before the filters)."""
         require(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}")
         require(top_k is None or top_k > 0,
                 f"top-k must be a positive number of tokens, got {top_k}: leave it out to disable")
         require(0 < top_p <= 1, f"top-p must lie in (0, 1], got {top_p}: 1 disables it")
         require(0 <= min_p <= 1, f"min-p must lie in [0, 1], got {min_p}: 0 disables it")
+        require(vocab_limit >= 0, f"vocab_limit must be >= 0 (0 = the whole vocabulary), got {vocab_limit}")
         greedy = temperature == 0
         return cls(
             np.float32(temperature), np.int32(top_k or 0), np.float32(top_p), np.float32(min_p), greedy=greedy,
             use_top_k=not greedy and top_k is not None, use_top_p=not greedy and top_p < 1,
-            use_min_p=not greedy and min_p > 0,
+            use_min_p=not greedy and min_p > 0, vocab_limit=int(vocab_limit),
         )
 
     def check_vocab(self, vocab_size: int) -> None:
         require(not self.use_top_k or int(self.top_k) <= vocab_size,
                 f"top-k {int(self.top_k)} exceeds the vocabulary of {vocab_size} tokens: use at most {vocab_size}")
+        require(self.vocab_limit <= vocab_size,
+                f"vocab_limit {self.vocab_limit} exceeds the vocabulary of {vocab_size} tokens: use at most {vocab_size}")
 
 
 GREEDY = Sampling.create(temperature=0.0)
@@ -64,7 +70,7 @@ def filter_logits(logits_xV: Array, s: Sampling) -> Array:
     temperature: logits / T;  top-k: the k largest;  top-p (Holtzman et al. 2020): the smallest prefix of
     the sorted distribution with mass >= p;  min-p (Nguyen et al. 2024): p_i >= min_p * max_j p_j.
     """
-    logits_xV = logits_xV / s.temperature
+    logits_xV = limit_vocab(logits_xV, s) / s.temperature
     if s.use_top_k or s.use_top_p:
         sorted_xV = -jnp.sort(-logits_xV, axis=-1)
         keep_xV = jnp.ones(sorted_xV.shape, bool)
@@ -83,10 +89,17 @@ def filter_logits(logits_xV: Array, s: Sampling) -> Array:
     return logits_xV
 
 
+def limit_vocab(logits_xV: Array, s: Sampling) -> Array:
+    """-inf at ids >= s.vocab_limit (when set): e.g. an image's level ids only, never its eos."""
+    if not s.vocab_limit:
+        return logits_xV
+    return jnp.where(jnp.arange(logits_xV.shape[-1]) < s.vocab_limit, logits_xV, -jnp.inf)
+
+
 def sample_logits(rng: Array, logits_xV: Array, s: Sampling) -> Array:
     """One token per row: argmax when greedy, else a draw from softmax(filter_logits(...))."""
     if s.greedy:
-        return jnp.argmax(logits_xV, axis=-1).astype(jnp.int32)
+        return jnp.argmax(limit_vocab(logits_xV, s), axis=-1).astype(jnp.int32)
     return jax.random.categorical(rng, filter_logits(logits_xV, s), axis=-1).astype(jnp.int32)
 
 

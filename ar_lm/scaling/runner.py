@@ -29,8 +29,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ar_lm.config import load_experiment_module, load_json, save_json
+from ar_lm.data.media import METRIC_LABELS, MediaOptions
 from ar_lm.data.prepare import make_dataset
+from ar_lm.data.synthetic import shape_images
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_text, locked_json_update
 from ar_lm.parallel.placement import check_fits
@@ -77,9 +81,14 @@ def ensure_data(sweep: Sweep, sweep_dir: Path, data_dir: Optional[str]) -> Path:
     out = sweep_dir / "data"
     if (out / "metadata.json").is_file():
         return out
-    require(spec.source in ("stdlib", "synthetic"),
-            f"DataSpec.source={spec.source!r} is unknown: use stdlib or synthetic (or pass --data)")
+    require(spec.source in ("stdlib", "synthetic", "shapes"),
+            f"DataSpec.source={spec.source!r} is unknown: use stdlib, synthetic or shapes (or pass --data)")
     print(f"[sweep] preparing the {spec.source} dataset in {out}", file=sys.stderr, flush=True)
+    if spec.source == "shapes":  # the images as an array file kept in the sweep directory, prepared from it
+        npz = sweep_dir / "shapes.npz"
+        np.savez(npz, images=shape_images(spec.images, spec.image_size, spec.image_size, seed=0))
+        make_dataset(out, "images", "byte", media=MediaOptions(npz=str(npz), bits=spec.bits))
+        return out
     make_dataset(out, spec.source, spec.tokenizer, spec.vocab_size, max_mb=spec.max_mb,
                  synthetic_tokens=spec.synthetic_tokens)
     return out
@@ -229,6 +238,7 @@ class SweepRunner:
                    "N": p.coords["N"], "D": p.coords["D"], "C": p.coords["C"]}
             for key in SUMMARY_FIELDS[5:]:
                 row[key] = s.get(key)
+            row |= {f"val_{k}": s[f"val_{k}"] for k in METRIC_LABELS if f"val_{k}" in s}  # media: bits per dim/sample
             rows.append(row | downstream.columns(self.run_dir(p.name)))
         return rows
 
@@ -260,6 +270,8 @@ def warn_repeats(rows: list[dict]) -> list[str]:
 def format_table(rows: list[dict]) -> str:
     head = (f"{'name':<10} {'status':<8} {'N':>10} {'D':>12} {'C':>10} {'val loss':>9} {'ppl':>8} {'bpb':>7} "
             f"{'epochs':>7} {'time s':>7} {'MFU':>6}")
+    media = [k for k in METRIC_LABELS if any(f"val_{k}" in r for r in rows)]  # bits per dim/sample of media data
+    head += "".join(f" {METRIC_LABELS[k]:>11}" for k in media)
     out = [head, "-" * len(head)]
     fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
     for r in rows:
@@ -267,6 +279,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['name']:<10} {r['status']:<8} {r['N']:>10,} {r['D']:>12,} {r['C']:>10.3g} {fmt(r['val_loss'], '{:>9.4f}'):>9} "
             f"{fmt(r['val_perplexity'], '{:>8.3f}'):>8} {fmt(r['val_bits_per_byte'], '{:>7.4f}'):>7} "
             f"{fmt(r['epochs'], '{:>7.2f}'):>7} {fmt(r['wall_time_s'], '{:>7.1f}'):>7} {fmt(r['mfu'] and 100 * r['mfu'], '{:>5.1f}%'):>6}"
+            + "".join(f" {fmt(r.get(f'val_{k}'), '{:>11.4f}'):>11}" for k in media)
         )
     return "\n".join(out)
 

@@ -44,11 +44,14 @@ class SweepPoint:
 class DataSpec:
     """How the sweep's dataset is made (`ar-lm prepare` arguments), if it is not given with --data."""
 
-    source: str = "stdlib"
+    source: str = "stdlib"  # stdlib | synthetic | shapes (procedural images, `ar_lm.data.synthetic.shape_images`)
     tokenizer: str = "byte"
     vocab_size: int = 0
     max_mb: float = 8.0
     synthetic_tokens: int = 2_000_000
+    images: int = 100_000  # shapes: how many, of image_size x image_size grayscale pixels at `bits` bits
+    image_size: int = 8
+    bits: int = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ar_lm.config import EVAL_TOKENS_CAP, ExperimentConfig
 from ar_lm.data.dataset import TokenDataset
+from ar_lm.data.media import METRIC_LABELS, modality_metric_name
 from ar_lm.data.pipeline import eval_batches, require_split, strided_batches
 from ar_lm.errors import require
 from ar_lm.model.backend import cpu_compiler_options
@@ -129,6 +130,8 @@ def evaluate_run(
     with mesh_context(mesh, rules):
         result = evaluate(eval_fn, params, data, batch_sharding, token_tables(dataset))
     out = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "bits_per_char")}
+    if name := modality_metric_name(dataset.meta):  # images, audio: one byte per dimension
+        out[name] = out["bits_per_byte"]
     if whole and info.get("words"):  # every target scored: the split's words cover its tokens
         out["word_perplexity"] = math.exp(min(result["loss"] * result["eval_tokens"] / info["words"], 700.0))
     return {**out, "stderr": result["loss_se"], "eval_tokens": result["eval_tokens"], "split": split,
@@ -147,6 +150,9 @@ def format_result(r: dict) -> str:
         f"bits/byte   {r['bits_per_byte']:.4f}",
         f"bits/char   {r['bits_per_char']:.4f}",
     ]
+    for name, label in METRIC_LABELS.items():
+        if name in r:  # a media dataset: bits per byte is per sub-pixel or sample, and there are no characters
+            lines[-1] = f"{label:<11} {r[name]:.4f}"
     if "word_perplexity" in r:
         lines.append(f"word ppl    {r['word_perplexity']:.3f}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ import jax
 
 from ar_lm.config import ExperimentConfig, to_dict, validate
 from ar_lm.data.dataset import TokenDataset
+from ar_lm.data.media import modality_metric_name
 from ar_lm.data.pipeline import TrainIterator, eval_batches, open_eval_sets, split_windows, train_dataset
 from ar_lm.errors import NonFiniteError, UserError, require
 from ar_lm.model.counts import flops_per_token, param_counts
@@ -161,6 +162,7 @@ class _Run:
     peak_flops: float  # all devices together
     train_split_tokens: int  # target tokens in the train split's windows (one epoch)
     eval_sets: dict = dataclasses.field(default_factory=dict)  # name -> batches of each `data.eval_sets` entry
+    modality_metric: Optional[str] = None  # a media dataset's name for bits per byte (`modality_metric_name`)
 
     @property
     def tokens_per_step(self) -> int:
@@ -216,6 +218,7 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds
         token_tables(dataset), flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops_per_device(cfg.logging.peak_flops) * jax.device_count(),
         split_windows(dataset, "train", cfg.data.seq_len) * cfg.data.seq_len, eval_sets,
+        modality_metric_name(dataset.meta),
     )
 
 
@@ -322,6 +325,8 @@ def _evaluate(run: _Run, state: dict, step: int, log: bool = True) -> dict:
         sets = [evaluate(run.eval_fn, state["params"], batches, run.batch_sharding, run.token_tables)
                 for batches in (run.val, *run.eval_sets.values())]
     records = eval_set_records(step, dict(zip(run.eval_sets, sets[1:])))
+    if run.modality_metric:  # bits per dimension (sub-pixel) or per sample: the same number
+        sets[0][run.modality_metric] = sets[0]["bits_per_byte"]
     if log:
         for record in [{"step": step, "split": "val", **sets[0]}, *records]:
             run.logger.log(record)

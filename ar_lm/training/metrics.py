@@ -18,6 +18,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from ar_lm.data.media import METRIC_LABELS
 from ar_lm.io import atomic_write_text
 
 # Dense bf16 peak FLOP/s per chip (vendor figures).
@@ -138,6 +139,7 @@ class RunLogger:
         step = r["step"]
         if r.get("split") == "val":
             msg = f"step {step}/{self.total_steps} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} bpb {r['bits_per_byte']:.4f}"
+            msg += "".join(f" {label} {r[name]:.4f}" for name, label in METRIC_LABELS.items() if name in r)
             end = "\n"
         elif r.get("split", "").startswith("val/"):
             msg, end = f"step {step}/{self.total_steps} {r['split']} loss {r['loss']:.4f} bpb {r['bpb']:.4f}", "\n"

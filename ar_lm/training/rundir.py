@@ -95,7 +95,8 @@ def copy_tokenizer(run_dir: Path, data_dir: Path, meta: dict) -> None:
         return
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(data_dir) / meta["tokenizer"]["file"], dest / meta["tokenizer"]["file"])
-    atomic_write_json(dest / "metadata.json", {"tokenizer": meta["tokenizer"]})
+    media = {k: meta[k] for k in ("modality", "image", "audio") if k in meta}  # what generation writes back
+    atomic_write_json(dest / "metadata.json", {"tokenizer": meta["tokenizer"], **media})
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
