@@ -20,7 +20,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prepare(p) -> None:
-    p.add_argument("--source", choices=("stdlib", "files", "synthetic", "images", "audio"), required=True)
+    p.add_argument("--source", choices=("stdlib", "files", "synthetic", "chat", "images", "audio"), required=True)
+    p.add_argument("--chat-template", metavar="NAME|tokenizer_config.json", help="chat: chatml, llama3, gemma or a "
+                   "Hugging Face tokenizer_config.json's chat_template (conversations: .jsonl of {\"messages\": [...]})")
     p.add_argument("--files", nargs="*", default=[], help="files, globs or directories (.txt/.jsonl/.parquet; "
                    "images: PNG/JPEG; audio: WAV); with --val-files: the train split")
     p.add_argument("--val-files", nargs="*", default=[], help="the val split's files (no hash split then)")
@@ -88,6 +90,8 @@ def _eval(p) -> None:
     scope.add_argument("--tokens", type=int, help="score T tokens of the seeded window subset (0: up to the cap)")
     p.add_argument("--stride", type=int, help="whole split: window stride S <= data.seq_len (default seq_len); "
                    "every token is scored once with >= seq_len - S tokens of context")
+    p.add_argument("--exposure", type=int, metavar="K", help="exposure bias on the seeded subset: the true tokens "
+                   "K+1.. scored after the model's own greedy first K versus the true ones (exposure_gap)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -185,6 +189,10 @@ def _launch(p) -> None:
 def _generate(p) -> None:
     p.add_argument("run_dir")
     p.add_argument("--prompt", help="text to continue (starts a new document)")
+    p.add_argument("--chat", action="store_true", help="a conversation: user turns from stdin line by line, each "
+                   "reply printed, the KV cache reused across turns (the run's chat template)")
+    p.add_argument("--chat-template", metavar="NAME|tokenizer_config.json",
+                   help="--chat: the template (default: the one the run's data was prepared with)")
     p.add_argument("--prompt-ids", help="token ids to continue, e.g. '464, 3290' (for runs without a text tokenizer)")
     p.add_argument("--eos-id", type=int, help="stop at this token id (default: the tokenizer's end of document)")
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or what fits in the context")
@@ -204,6 +212,8 @@ def _generate(p) -> None:
     p.add_argument("--prompt-rows", type=int, help="with --prompt-image: rows given (1 <= R < the height)")
     p.add_argument("--audio-out", help="audio run: write --seconds of audio as a 16-bit mono WAV here")
     p.add_argument("--seconds", type=float, help="with --audio-out: length of the audio (may exceed the context)")
+    p.add_argument("--quantize", choices=("int8",), help="int8: weight-only int8 matmul weights (per output "
+                   "channel, float32 scales), quantised once at load (default: float32 as trained)")
 
 
 def _lm_eval(p) -> None:

@@ -122,6 +122,13 @@ class TrainConfig:
     nonfinite_policy: str = "stop"  # stop | skip
     max_skips: int = 3  # consecutive non-finite steps tolerated under `skip`
     debug_nan_steps: tuple[int, ...] = ()  # fault injection: make the loss NaN at these steps
+    # scheduled sampling (Bengio et al. 2015; formulas in ar_lm.training.scheduled_sampling): probability of
+    # feeding the model's own token, from ss_start at step 0 towards ss_end; ss_k: the schedule's length/decay
+    ss_schedule: str = "none"  # none | linear | exponential | inverse_sigmoid
+    ss_start: float = 0.0
+    ss_end: float = 0.25
+    ss_k: float = 1000.0  # linear: steps to reach ss_end; exponential: decay k in (0, 1); inverse_sigmoid: k >= 1
+    ss_token: str = "argmax"  # argmax | sample (the model's token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +225,7 @@ FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "optim.b1": _range(0, 1, True), "optim.b2": _range(0, 1, True),
     "train.debug_nan_steps": ("a list of steps >= 1", lambda steps: all(s >= 1 for s in steps)),
     "train.checkpoint_at_tokens": ("a list of token counts >= 1", lambda tokens: all(t >= 1 for t in tokens)),
+    "train.ss_start": _range(0, 1, False), "train.ss_end": _range(0, 1, False), "train.ss_k": _POSITIVE,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("gpt2", "llama"),
@@ -229,6 +237,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nonfinite_policy": ("stop", "skip"),
     "optim.schedule": ("cosine", "wsd", "constant", "linear"),
     "optim.cooldown_shape": ("linear", "1-sqrt", "cosine"),
+    "train.ss_schedule": ("none", "linear", "exponential", "inverse_sigmoid"), "train.ss_token": ("argmax", "sample"),
 }  # mesh.rules and mesh.rule_overrides are checked against the rule table (`ar_lm.parallel.mesh.logical_rules`)
 
 
@@ -260,6 +269,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     require(d.batch_size % o.grad_accum == 0,
             f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     require(t.steps > 0 or t.tokens > 0, "train.steps or train.tokens must be positive")
+    require({"exponential": t.ss_k < 1, "inverse_sigmoid": t.ss_k >= 1}.get(t.ss_schedule, True),
+            f"train.ss_k={t.ss_k} does not fit train.ss_schedule={t.ss_schedule}: exponential needs k in (0, 1), "
+            "inverse_sigmoid k >= 1")
     require([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
             "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the remaining devices)")
     return cfg

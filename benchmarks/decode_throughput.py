@@ -24,6 +24,9 @@ Sections (greedy decoding, no EOS, so every row makes exactly N tokens):
    cache, masked), growing without it.
 3. speculative decoding at batch 1 (greedy and T=1 sampling): speedup over plain decoding, acceptance
    rate, tokens per target pass; greedy output checked equal to the target's.
+4. int8 weight-only decoding (`ar_lm.model.quantize`, `--quantize int8`): in section 1, the same generate call on
+   the quantised target (`int8_s`, the share of its greedy tokens equal to float32's), and the val perplexity of
+   the float32 and quantised target on held-out windows of the source (`int8_eval`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ar_lm.config import ExperimentConfig, ModelConfig
 from ar_lm.data.synthetic import MarkovSource
 from ar_lm.decoding import decoder as DD
 from ar_lm.model import counts as MC
+from ar_lm.model import quantize as MQ
 from ar_lm.model import transformer as M
 
 TARGET = ModelConfig(family="gpt2", vocab_size=64, d_model=384, n_layers=6, n_heads=6, max_seq_len=1024)
@@ -93,6 +97,23 @@ def to_hf(cfg: ModelConfig, params):
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is tied to wte
     return hf
+
+
+def eval_quantised(cfg: ModelConfig, params, source: MarkovSource, windows: int = 16, seq_len: int = 256) -> dict:
+    """Val perplexity of the float32 and the int8 model on held-out windows of the source (a seed training did not
+    use), and the bytes of both parameter trees."""
+    qparams = MQ.quantize_params(cfg, params)
+    val = jnp.asarray(source.sample(windows * (seq_len + 1), seed=99).reshape(windows, seq_len + 1), jnp.int32)
+
+    def loss(p):
+        logits = M.apply(cfg, p, val[:, :-1])
+        return float(jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, val[:, 1:, None], -1)[..., 0]))
+
+    float_loss, int8_loss = loss(params), loss(qparams)
+    return {"windows": windows, "seq_len": seq_len, "float_loss": float_loss, "int8_loss": int8_loss,
+            "float_ppl": float(np.exp(float_loss)), "int8_ppl": float(np.exp(int8_loss)),
+            "ppl_increase": float(np.exp(int8_loss - float_loss) - 1), "float_bytes": MQ.param_bytes(params),
+            "int8_bytes": MQ.param_bytes(qparams), "bytes_ratio": MQ.param_bytes(qparams) / MQ.param_bytes(params)}
 
 
 def timed(fn, repeats: int = 1, warmup=None):
@@ -185,6 +206,11 @@ def main() -> None:
           f"target {n_target / 1e6:.2f}M, draft {n_draft / 1e6:.2f}M ({n_draft / n_target:.2f}x)", flush=True)
     hf = None if args.no_torch else to_hf(TARGET, target)
     # the layout the decoder runs (unrolled layers on CPU), converted once as a serving loop would
+    int8_eval = eval_quantised(TARGET, target, source)
+    print(f"# int8: {int8_eval['bytes_ratio']:.3f} of the float32 parameter bytes; val perplexity "
+          f"{int8_eval['float_ppl']:.4f} -> {int8_eval['int8_ppl']:.4f} ({100 * int8_eval['ppl_increase']:+.3f}%)",
+          flush=True)
+    _, target_int8 = DD.for_decoding(TARGET, MQ.quantize_params(TARGET, target))
     target_cfg, target = DD.for_decoding(TARGET, target)
     draft_cfg, draft = DD.for_decoding(DRAFT, draft)
     prompts = source.sample(max(batches) * args.prompt_len, seed=7).reshape(max(batches), args.prompt_len)
@@ -192,13 +218,13 @@ def main() -> None:
     if hf is not None:
         print(f"# transformers: {pick_torch_threads(hf, prompts[:1])} torch thread(s), the faster of 1 and "
               f"{os.cpu_count()} here", flush=True)
-    results = {"throughput": [], "per_step": {}, "speculative": []}
+    results = {"throughput": [], "per_step": {}, "speculative": [], "int8_eval": int8_eval}
 
     # 1. throughput
-    widths = (5, 5, 13, 11, 13, 11, 13, 11, 9, 9)
+    widths = (5, 5, 13, 11, 13, 11, 13, 11, 9, 9, 12, 10, 10)
     print("\n## throughput (greedy, tokens/s = batch * new tokens / wall; ms/token = wall / new tokens)")
     print(fmt_row(("batch", "new", "ar_lm tok/s", "ar_lm ms/t", "naive tok/s", "naive ms/t", "hf tok/s", "hf ms/t",
-                   "ar/naive", "ar/hf"), widths))
+                   "ar/naive", "ar/hf", "int8 tok/s", "int8/ar", "int8/hf"), widths))
     for b in batches:
         for n in new_tokens:
             if args.max_batch_tokens and b * n > args.max_batch_tokens:
@@ -208,6 +234,9 @@ def main() -> None:
             rec = {"batch": b, "new_tokens": n}
             secs, out = timed(lambda: D.generate(target_cfg, target, prompt_BxP, n), repeats=2 if b * n <= 4096 else 1)
             rec["ar_lm_s"] = secs
+            rec["int8_s"], out8 = timed(lambda: D.generate(target_cfg, target_int8, prompt_BxP, n),
+                                        repeats=2 if b * n <= 4096 else 1)
+            rec["int8_equal_frac"] = float(np.mean(out8.tokens == out.tokens))
             if b <= args.naive_max_batch and n <= args.naive_max_new:
                 rec["naive_s"], naive = timed(lambda: naive_greedy(target_cfg, target, prompt_BxP, n))
                 rec["naive_equal"] = bool(np.array_equal(naive, out.tokens))
@@ -222,8 +251,10 @@ def main() -> None:
                 return ("-", "-") if s is None else (f"{b * n / s:.0f}", f"{1000 * s / n:.2f}")
 
             ratio = lambda key: f"{rec[key] / rec['ar_lm_s']:.1f}x" if key in rec else "-"  # noqa: E731
-            print(fmt_row((b, n, *cols("ar_lm_s"), *cols("naive_s"), *cols("hf_s"), ratio("naive_s"), ratio("hf_s")),
-                          widths), flush=True)
+            int8 = (f"{b * n / rec['int8_s']:.0f}", f"{rec['ar_lm_s'] / rec['int8_s']:.2f}x",
+                    f"{rec['hf_s'] / rec['int8_s']:.2f}x" if "hf_s" in rec else "-")
+            print(fmt_row((b, n, *cols("ar_lm_s"), *cols("naive_s"), *cols("hf_s"), ratio("naive_s"), ratio("hf_s"),
+                           *int8), widths), flush=True)
     checks = {k: all(r[k] for r in results["throughput"] if k in r) for k in ("naive_equal", "hf_equal")}
     print(f"# same greedy tokens as ar_lm: naive {checks['naive_equal']}, transformers {checks['hf_equal']}")
 
@@ -279,6 +310,9 @@ def main() -> None:
     if b1:
         print("\n# ar_lm / transformers tokens/s at batch 1: "
               + ", ".join(f"{r['hf_s'] / r['ar_lm_s']:.1f}x ({r['new_tokens']} new)" for r in b1))
+        print("# int8 / float32 ar_lm, int8 / transformers at batch 1: "
+              + ", ".join(f"{r['ar_lm_s'] / r['int8_s']:.2f}x, {r['hf_s'] / r['int8_s']:.2f}x ({r['new_tokens']} new)"
+                          for r in b1))
     results["cpu_steal_frac"] = steal.frac()
     print(f"# total {time.perf_counter() - t_start:.0f} s; CPU time stolen by the hypervisor: "
           f"{100 * (results['cpu_steal_frac'] or 0):.1f}%")

@@ -107,6 +107,30 @@ def decode_tables(path: Path) -> str:
     return "\n".join(rows) + f"\n\nSource: `{path.as_posix()}`"
 
 
+def int8_table(path: Path) -> str:
+    """The int8 weight-only rows (`--quantize int8`) of a decode results file: speed against float32 ar_lm and
+    transformers in the same run, greedy agreement, perplexity and parameter bytes."""
+    d = _load(path)
+    if not any("int8_s" in r for r in d["throughput"]):
+        return f"(no int8 rows in {path.as_posix()})"
+    rows = ["| batch | new tokens | float32 ar_lm tokens/s | int8 tokens/s | int8 / float32 ar_lm | int8 / "
+            "transformers | greedy tokens equal to float32 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["throughput"]:
+        hf = f"{r['hf_s'] / r['int8_s']:.2f}x" if r.get("hf_s") else "-"
+        tps = lambda s: r["batch"] * r["new_tokens"] / s  # noqa: E731
+        rows.append(f"| {r['batch']} | {r['new_tokens']} | {tps(r['ar_lm_s']):,.0f} | {tps(r['int8_s']):,.0f} | "
+                    f"{r['ar_lm_s'] / r['int8_s']:.2f}x | {hf} | {100 * r['int8_equal_frac']:.1f}% |")
+    e = d.get("int8_eval")
+    if e:
+        rows.append(f"\nint8 val perplexity {e['int8_ppl']:.4f} against float32 {e['float_ppl']:.4f} "
+                    f"({100 * e['ppl_increase']:+.3f}%, {e['windows']} held-out windows of {e['seq_len']} tokens); "
+                    f"parameters {e['int8_bytes'] / 1e6:.1f} MB against {e['float_bytes'] / 1e6:.1f} MB "
+                    f"({100 * e['bytes_ratio']:.1f}%).")
+    if d.get("cpu_steal_frac"):
+        rows.append(f"CPU time stolen by the hypervisor during the run: {100 * d['cpu_steal_frac']:.0f}%.")
+    return "\n".join(rows) + f"\n\nSource: `{path.as_posix()}`"
+
+
 def memory_table(path: Path) -> str:
     d = _load(path)
     rows = ["| model | preset | params MB | optimizer MB | temporaries MB |", "| --- | --- | --- | --- | --- |"]
@@ -121,12 +145,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--date", required=True, help="the date in the results file names, e.g. 2026-12-01")
     ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--int8-date", help="the date of the decoding results with int8 rows, if not --date")
     args = ap.parse_args()
     results = Path(args.results)
     train = results / f"train_throughput_{args.date}_cpu2_repeats3.json"
     sections = [("Training throughput", train, lambda p: train_table(p)),
                 ("What each CPU default buys", train, lambda p: ablation_table(p, results, args.date)),
                 ("Decoding", results / f"decode_throughput_{args.date}_cpu2.json", decode_tables),
+                ("Int8 weight-only decoding", results / f"decode_throughput_{args.int8_date or args.date}_cpu2.json",
+                 int8_table),
                 ("Sharding memory", results / f"sharding_memory_{args.date}_cpu8.json", memory_table)]
     for title, path, render in sections:
         print(f"## {title}\n")

@@ -7,8 +7,12 @@ A dataset directory holds::
     tokenizer.model|json   the tokenizer (sentencepiece proto or JSON)
     train_00000.bin ...    token shards: flat little-endian uint16 (vocab <= 65536) or uint32
     val_00000.bin ...      (and test_00000.bin ... when the dataset has a test split)
+    train_00000.mask.bin   chat datasets: the loss mask, one uint8 per token (1: the token is a target that
+                           carries loss), listed as the shard's "mask" {"file", "sha256"}
 
-Documents are separated by the tokenizer's end-of-document id.
+Documents are separated by the tokenizer's end-of-document id. The pipeline packs a masked dataset's
+"no loss" bit into bit `NO_LOSS_BIT` of its int32 token windows (`ar_lm.data.pipeline`), so a batch stays
+one integer array; datasets without masks never set it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ar_lm.errors import UserError, require
 from ar_lm.io import atomic_write_json, sha256_file
 
 FORMAT_VERSION = 1
+NO_LOSS_BIT = 1 << 30  # set on a window token whose target position carries no loss (vocabularies stay < 2^30)
 
 
 def require_fresh_output(out: Path) -> None:
@@ -61,6 +66,18 @@ class TokenDataset:
         require(split in self.meta["splits"], f"dataset {self.path} has no {split!r} split")
         return self.meta["splits"][split]
 
+    @property
+    def has_loss_mask(self) -> bool:
+        """Whether the shards come with loss masks (chat data)."""
+        return any("mask" in s for split in self.meta["splits"].values() for s in split["shards"])
+
+    def mask_shards(self, split: str) -> list[np.ndarray] | None:
+        """The split's loss masks (uint8, parallel to `shards`), or None for a dataset without masks."""
+        if not self.has_loss_mask:
+            return None
+        return [np.memmap(self.path / s["mask"]["file"], dtype=np.uint8, mode="r", shape=(s["tokens"],))
+                for s in self.split_info(split)["shards"] if s["tokens"] > 0]
+
     def shards(self, split: str) -> list[np.ndarray]:
         return [
             np.memmap(self.path / s["file"], dtype=self.dtype, mode="r", shape=(s["tokens"],))
@@ -79,6 +96,7 @@ class TokenDataset:
         entries = [(tok["file"], None, tok["sha256"])]
         for split in self.meta["splits"].values():
             entries += [(s["file"], s["tokens"] * self.dtype.itemsize, s["sha256"]) for s in split["shards"]]
+            entries += [(s["mask"]["file"], s["tokens"], s["mask"]["sha256"]) for s in split["shards"] if "mask" in s]
         changed = False
         for name, size, digest in entries:
             file = self.path / name

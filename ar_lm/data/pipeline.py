@@ -28,15 +28,22 @@ import grain
 import numpy as np
 
 from ar_lm.config import EVAL_TOKENS_CAP
-from ar_lm.data.dataset import TokenDataset
+from ar_lm.data.dataset import NO_LOSS_BIT, TokenDataset
 from ar_lm.errors import require
 
 
-class WindowSource:
-    """grain random-access source: record i is tokens [i*L, i*L + L + 1) within one shard."""
+def pack_loss_mask(tokens: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """int32 tokens with NO_LOSS_BIT set where `mask` is 0 (`mask` None: the tokens unchanged)."""
+    tokens = np.asarray(tokens, dtype=np.int32)
+    return tokens if mask is None else tokens | np.where(np.asarray(mask) == 0, NO_LOSS_BIT, 0).astype(np.int32)
 
-    def __init__(self, shards: list[np.ndarray], seq_len: int):
-        self.shards = shards
+
+class WindowSource:
+    """grain random-access source: record i is tokens [i*L, i*L + L + 1) within one shard (with the loss mask
+    packed in, `pack_loss_mask`, when `masks` are given)."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int, masks: list[np.ndarray] | None = None):
+        self.shards, self.masks = shards, masks
         self.seq_len = seq_len
         counts = [max(0, (len(s) - 1) // seq_len) for s in shards]
         self.starts = np.cumsum([0] + counts).tolist()
@@ -47,7 +54,8 @@ class WindowSource:
     def __getitem__(self, index: int) -> np.ndarray:
         shard = bisect.bisect_right(self.starts, index) - 1
         offset = (index - self.starts[shard]) * self.seq_len
-        return np.asarray(self.shards[shard][offset : offset + self.seq_len + 1], dtype=np.int32)
+        window = slice(offset, offset + self.seq_len + 1)
+        return pack_loss_mask(self.shards[shard][window], None if self.masks is None else self.masks[shard][window])
 
 
 def require_split(dataset: TokenDataset, split: str) -> dict:
@@ -60,7 +68,7 @@ def require_split(dataset: TokenDataset, split: str) -> dict:
 
 def _windows(dataset: TokenDataset, split: str, seq_len: int) -> WindowSource:
     require_split(dataset, split)
-    source = WindowSource(dataset.shards(split), seq_len)
+    source = WindowSource(dataset.shards(split), seq_len, dataset.mask_shards(split))
     require(
         len(source) > 0,
         f"the {split} split of {dataset.path} has fewer than {seq_len + 1} tokens: use more data or a smaller data.seq_len",
@@ -119,10 +127,10 @@ def eval_batches(
 
 
 class TokenStream:
-    """The shards of a split read as one token stream."""
+    """The shards of a split read as one token stream (with the loss mask packed in when `masks` are given)."""
 
-    def __init__(self, shards: list[np.ndarray]):
-        self.shards = shards
+    def __init__(self, shards: list[np.ndarray], masks: list[np.ndarray] | None = None):
+        self.shards, self.masks = shards, masks
         self.starts = np.cumsum([0] + [len(s) for s in shards]).tolist()
 
     def __len__(self) -> int:
@@ -130,13 +138,17 @@ class TokenStream:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, min(stop, len)) as int32."""
+        tokens = self._read(self.shards, start, stop).astype(np.int32)
+        return tokens if self.masks is None else pack_loss_mask(tokens, self._read(self.masks, start, stop))
+
+    def _read(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
         parts, shard = [], bisect.bisect_right(self.starts, start) - 1
         while start < min(stop, len(self)):
             offset = start - self.starts[shard]
-            part = self.shards[shard][offset : offset + stop - start]
+            part = arrays[shard][offset : offset + stop - start]
             parts.append(part)
             start, shard = start + len(part), shard + 1
-        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
 def strided_windows(n_tokens: int, seq_len: int, stride: int) -> int:
@@ -168,7 +180,7 @@ def strided_batches(
     rows past the last window have weight 0."""
     require(0 < stride <= seq_len, f"--stride must be in [1, data.seq_len={seq_len}], got {stride}")
     require_split(dataset, split)
-    stream = TokenStream(dataset.shards(split))
+    stream = TokenStream(dataset.shards(split), dataset.mask_shards(split))
     require(len(stream) >= 2, f"the {split} split of {dataset.path} has fewer than 2 tokens: nothing to score")
     return _strided_rows(stream, seq_len, stride, global_batch, process_index, process_count)
 

@@ -12,16 +12,17 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ar_lm.data.chat import ChatCorpus, load_template
 from ar_lm.data.dataset import TokenDataset, require_fresh_output
 from ar_lm.data.media import MediaOptions, media_corpora, parse_size
 from ar_lm.data.sources import FileCorpus, stdlib_documents
 from ar_lm.data.synthetic import synthetic_splits
-from ar_lm.data.tokenizers import Tokenizer, check_tokenizer_args
+from ar_lm.data.tokenizers import Tokenizer, check_tokenizer_args, with_specials
 from ar_lm.data.writer import write_dataset
 from ar_lm.errors import UserError, require
 
 MEDIA_SOURCES = ("images", "audio")  # documents of intensity levels or mu-law codes (`ar_lm.data.media`)
-SOURCES = ("stdlib", "files", "synthetic", *MEDIA_SOURCES)
+SOURCES = ("stdlib", "files", "synthetic", "chat", *MEDIA_SOURCES)
 
 
 def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, val_fraction: float = 0.05,
@@ -29,11 +30,12 @@ def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, va
                  synthetic_tokens: int = 2_000_000, synthetic_vocab: int = 32, synthetic_order: int = 3,
                  synthetic_branching: int = 4, seed: int = 0, val_files: Sequence[str] = (),
                  test_files: Sequence[str] = (), buffer_mb: float = 64.0, workers: int = 0,
-                 tokenizer_from: str = "", media: MediaOptions | None = None) -> dict:
+                 tokenizer_from: str = "", media: MediaOptions | None = None, chat_template: str = "") -> dict:
     """Write the dataset directory `out` (see `write_dataset`) from `source`; returns its metadata.
     `max_mb` limits the train (or hash-split) input only: explicit val and test files are read whole.
     `tokenizer_from`: a dataset directory whose tokenizer to use (e.g. for `data.eval_sets`); then the
-    train files may be left out. `media`: the options of --source images|audio."""
+    train files may be left out. `media`: the options of --source images|audio. `chat_template`: --source chat's
+    template (`ar_lm.data.chat.load_template`: a name or a tokenizer_config.json)."""
     require(0 < val_fraction < 1, f"--val-fraction must lie in (0, 1), got {val_fraction}: training evaluates on "
                                   "the val split")
     if source in MEDIA_SOURCES:
@@ -41,25 +43,32 @@ def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, va
                                    val_fraction, buffer_mb)
     require(media is None or media == MediaOptions(), f"--size, --channels, --bits, --npz, --sample-rate and --mu-law "
                                                        f"belong to --source images|audio, not --source {source}")
-    require(source == "files" or not (val_files or test_files),
+    require((source == "chat") == bool(chat_template), "--chat-template NAME|tokenizer_config.json goes with "
+            f"--source chat (and only there), got --source {source}" + (" without it" if source == "chat" else ""))
+    template = load_template(chat_template) if chat_template else None
+    require(source in ("files", "chat") or not (val_files or test_files),
             f"--val-files and --test-files name files of --source files, not --source {source}: "
             "drop them or use --source files")
     existing = _existing_tokenizer(tokenizer_from, vocab_size) if tokenizer_from else None
     if existing is None:
         check_tokenizer_args(tokenizer, vocab_size)
+    if template is not None:  # before reading the source
+        _check_specials(template, existing, tokenizer)
     require_fresh_output(Path(out).absolute())  # before reading the source
     max_bytes = int(max_mb * 1e6)
-    docs, splits, source_meta = (), {}, {"kind": source}
+    docs, splits, source_meta = (), {}, {"kind": source, **({"chat_template": template.to_json()} if template else {})}
     if tokenizer_from:
         source_meta["tokenizer_from"] = str(Path(tokenizer_from).absolute())
     if source == "stdlib":
         docs = stdlib_documents(max_bytes)
-    elif source == "files":
+    elif source in ("files", "chat"):
         require(files or (existing and (val_files or test_files)),
-                "--source files needs --files PATH [PATH ...] (only --tokenizer-from allows val or test files alone)")
-        corpora = {"train": files and FileCorpus(files, max_bytes),
-                   "val": val_files and FileCorpus(val_files, 0, "--val-files"),
-                   "test": test_files and FileCorpus(test_files, 0, "--test-files")}
+                f"--source {source} needs --files PATH [PATH ...] (only --tokenizer-from allows val or test files "
+                "alone)")
+        corpus = FileCorpus if template is None else lambda paths, _, flag="--files": ChatCorpus(paths, template, flag)
+        corpora = {"train": files and corpus(files, max_bytes),
+                   "val": val_files and corpus(val_files, 0, "--val-files"),
+                   "test": test_files and corpus(test_files, 0, "--test-files")}
         source_meta["files"] = {split: c.files() for split, c in corpora.items() if c}
         if val_files or not files:
             splits.update({split: c for split, c in corpora.items() if c})
@@ -73,7 +82,16 @@ def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, va
     else:
         raise UserError(f"source {source!r} is unknown: use one of {', '.join(SOURCES)}")
     return write_dataset(Path(out), docs, tokenizer, vocab_size, val_fraction, sp_model_type=sp_model_type,
-                         source=source_meta, splits=splits, buffer_mb=buffer_mb, workers=workers, tokenizer=existing)
+                         source=source_meta, splits=splits, buffer_mb=buffer_mb, workers=workers, tokenizer=existing,
+                         specials=template.specials if template else ())
+
+
+def _check_specials(template, existing: Tokenizer | None, kind: str) -> None:
+    """The tokenizer (`existing`, or one of `kind` to train) must take the chat template's special tokens."""
+    if existing is not None:
+        with_specials(existing, template.specials, fixed=True)
+    require(existing is not None or kind in ("byte", "char", "sentencepiece"), f"a {kind} tokenizer cannot take the "
+            f"chat template's special tokens {', '.join(template.specials)}: use --tokenizer byte, char or sentencepiece")
 
 
 def _make_media_dataset(out: Path, source: str, opts: MediaOptions, files: Sequence[str], val_files: Sequence[str],
@@ -109,7 +127,7 @@ def prepare_command(args) -> int:
     meta = make_dataset(Path(args.out), args.source, args.tokenizer or "byte", args.vocab_size, args.val_fraction,
                         args.max_mb, args.files, args.sp_model_type, args.synthetic_tokens, args.synthetic_vocab,
                         args.synthetic_order, args.synthetic_branching, args.seed, args.val_files, args.test_files,
-                        args.buffer_mb, args.workers, args.tokenizer_from or "", media)
+                        args.buffer_mb, args.workers, args.tokenizer_from or "", media, args.chat_template or "")
     splits = {k: {key: v[key] for key in ("tokens", "bytes", "documents", "words")} for k, v in meta["splits"].items()}
     print(json.dumps({"out": str(Path(args.out).absolute()), "vocab_size": meta["tokenizer"]["vocab_size"],
                       "splits": splits}))

@@ -32,12 +32,14 @@ PIECE_CHARS = 1 << 18  # a text file is read (and tokenized) in pieces of about 
 @dataclass(frozen=True)
 class Document:
     """A document, or a piece of one: `ends` is false for every piece of a file but its last. `ids`: a media
-    document's ready token ids (`ar_lm.data.media`; its text is then empty)."""
+    document's ready token ids (`ar_lm.data.media`; its text is then empty). `spans`: a chat document's character
+    spans [start, stop) that carry loss (`ar_lm.data.chat`; the writer stores a loss mask), None: all of it."""
 
     name: str
     text: str
     ends: bool = True
     ids: Optional["np.ndarray"] = field(default=None, compare=False, repr=False)
+    spans: Optional[tuple[tuple[int, int], ...]] = None
 
     @property
     def size(self) -> int:
@@ -152,21 +154,26 @@ def _text_pieces(path: Path, name: str) -> Iterator[Document]:
                 yield Document(name, text[:cut], ends=False)
 
 
-def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of each non-blank line of a .jsonl file."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{path}:{lineno} is not valid JSON") from None
-            require(
-                isinstance(record, dict) and isinstance(record.get("text"), str),
-                f"{path}:{lineno} has no string field 'text'",
-            )
-            if record["text"]:
-                yield Document(f"{name}:{lineno}", record["text"])
+
+
+def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
+    for lineno, record in jsonl_records(path):
+        require(
+            isinstance(record, dict) and isinstance(record.get("text"), str),
+            f"{path}:{lineno} has no string field 'text'",
+        )
+        if record["text"]:
+            yield Document(f"{name}:{lineno}", record["text"])
 
 
 def _parquet_documents(path: Path, name: str) -> Iterator[Document]:

@@ -10,6 +10,7 @@ Files are sentencepiece's own model proto or JSON: nothing is pickled.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -24,44 +25,75 @@ KINDS = ("sentencepiece", "byte", "char")
 LEAD_BYTES = np.array([0 if 0x80 <= b <= 0xBF else 1 for b in range(256)], np.int32)  # 1: a byte starts a character
 
 
+def split_specials(text: str, specials: Sequence[str]) -> list[tuple[str, int]]:
+    """`text` cut at its special strings (longest first): (ordinary text, -1) and (special, its index) parts."""
+    if not specials:
+        return [(text, -1)] if text else []
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    index, parts, pos = {s: i for i, s in enumerate(specials)}, [], 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            parts.append((text[pos : m.start()], -1))
+        parts.append((m.group(), index[m.group()]))
+        pos = m.end()
+    return parts + ([(text[pos:], -1)] if pos < len(text) else [])
+
+
+def _special_counts(specials: Sequence[str]) -> tuple[list[int], list[int]]:
+    """UTF-8 bytes and characters each special stands for (so bits per byte counts the rendered text)."""
+    return [len(s.encode("utf-8")) for s in specials], [len(s) for s in specials]
+
+
 class ByteTokenizer:
-    """ids 0..255 are bytes; 256 is end-of-document."""
+    """ids 0..255 are bytes; 256 is end-of-document; 257.. the `specials` (chat boundary strings, one id each)."""
 
     kind = "byte"
     filename = "tokenizer.json"
 
-    def __init__(self):
-        self.vocab_size = 257
+    def __init__(self, specials: Sequence[str] = ()):
+        self.specials = list(specials)
+        self.vocab_size = 257 + len(self.specials)
         self.eos_id = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        ids = []
+        for part, special in split_specials(text, self.specials):
+            ids.extend(list(part.encode("utf-8")) if special < 0 else [257 + special])
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        out, pending = [], bytearray()
+        for i in ids:
+            if i < 256:
+                pending.append(i)
+            elif i >= 257:
+                out.append(pending.decode("utf-8", errors="replace") + self.specials[i - 257])
+                pending = bytearray()
+        return "".join(out) + pending.decode("utf-8", errors="replace")
 
     def token_bytes(self) -> np.ndarray:
-        return np.array([1] * 256 + [0], np.int32)
+        return np.array([1] * 256 + [0] + _special_counts(self.specials)[0], np.int32)
 
     def token_chars(self) -> np.ndarray:
-        return np.concatenate([LEAD_BYTES, [0]]).astype(np.int32)
+        return np.concatenate([LEAD_BYTES, [0], _special_counts(self.specials)[1]]).astype(np.int32)
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / self.filename
-        path.write_text(json.dumps({"kind": "byte"}) + "\n")
+        data = {"kind": "byte", **({"specials": self.specials} if self.specials else {})}
+        path.write_text(json.dumps(data, ensure_ascii=True) + "\n")
         return path
 
 
 class CharTokenizer:
-    """id 0 is end-of-document, 1..256 are byte fallbacks, then one id per known character."""
+    """id 0 is end-of-document, 1..256 are byte fallbacks, then one id per known character, then the `specials`."""
 
     kind = "char"
     filename = "tokenizer.json"
 
-    def __init__(self, chars: Sequence[str]):
-        self.chars = list(chars)
+    def __init__(self, chars: Sequence[str], specials: Sequence[str] = ()):
+        self.chars, self.specials = list(chars), list(specials)
         self.eos_id = 0
-        self.vocab_size = 257 + len(self.chars)
+        self.vocab_size = 257 + len(self.chars) + len(self.specials)
         self._ids = {c: 257 + i for i, c in enumerate(self.chars)}
 
     @classmethod
@@ -81,12 +113,16 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         ids = []
-        for c in text:
-            i = self._ids.get(c)
-            if i is None:
-                ids.extend(1 + b for b in c.encode("utf-8"))
-            else:
-                ids.append(i)
+        for part, special in split_specials(text, self.specials):
+            if special >= 0:
+                ids.append(257 + len(self.chars) + special)
+                continue
+            for c in part:
+                i = self._ids.get(c)
+                if i is None:
+                    ids.extend(1 + b for b in c.encode("utf-8"))
+                else:
+                    ids.append(i)
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -99,20 +135,24 @@ class CharTokenizer:
                 out.append(pending.decode("utf-8", errors="replace"))
                 pending = bytearray()
             if i >= 257:
-                out.append(self.chars[i - 257])
+                k = i - 257
+                out.append(self.chars[k] if k < len(self.chars) else self.specials[k - len(self.chars)])
         if pending:
             out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
     def token_bytes(self) -> np.ndarray:
-        return np.array([0] + [1] * 256 + [len(c.encode("utf-8")) for c in self.chars], np.int32)
+        specials = _special_counts(self.specials)[0]
+        return np.array([0] + [1] * 256 + [len(c.encode("utf-8")) for c in self.chars] + specials, np.int32)
 
     def token_chars(self) -> np.ndarray:
-        return np.concatenate([[0], LEAD_BYTES, np.ones(len(self.chars))]).astype(np.int32)
+        specials = _special_counts(self.specials)[1]
+        return np.concatenate([[0], LEAD_BYTES, np.ones(len(self.chars)), specials]).astype(np.int32)
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / self.filename
-        path.write_text(json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=True) + "\n")
+        data = {"kind": "char", "chars": self.chars, **({"specials": self.specials} if self.specials else {})}
+        path.write_text(json.dumps(data, ensure_ascii=True) + "\n")
         return path
 
 
@@ -132,7 +172,9 @@ class SentencePieceTokenizer:
         self.eos_id = self.sp.eos_id()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_chars: int = 20_000_000):
+    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_chars: int = 20_000_000,
+              specials: Sequence[str] = ()):
+        """`specials`: strings kept whole as user-defined pieces (a chat template's boundary tokens)."""
         import sentencepiece as spm
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +201,7 @@ class SentencePieceTokenizer:
                     allow_whitespace_only_pieces=True,
                     split_digits=True,
                     add_dummy_prefix=False,
-                    user_defined_symbols=["\n", "\t"],
+                    user_defined_symbols=["\n", "\t", *specials],
                     character_coverage=0.9995,
                     max_sentence_length=1 << 16,
                     num_threads=cpu_cores(),
@@ -263,9 +305,27 @@ def load_tokenizer(directory: Path, kind: str) -> Tokenizer:
         raise UserError(f"tokenizer file {path} is missing")
     data = json.loads(path.read_text())
     if data.get("kind") == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(data.get("specials", ()))
     if data.get("kind") == "char":
-        return CharTokenizer(data["chars"])
+        return CharTokenizer(data["chars"], data.get("specials", ()))
     if data.get("kind") == "levels":
         return LevelTokenizer(data["levels"])
     raise UserError(f"tokenizer file {path} holds unknown kind {data.get('kind')!r}")
+
+
+def with_specials(tokenizer: Tokenizer, specials: Sequence[str], fixed: bool = False) -> Tokenizer:
+    """`tokenizer` holding every string of `specials` as one id (appended after its ids). `fixed`: an existing
+    dataset's tokenizer, whose ids cannot grow: it must hold them already."""
+    require(tokenizer.kind != LevelTokenizer.kind, "a levels tokenizer (images, audio) cannot take a chat template's "
+            "special tokens: chat data is text (--tokenizer byte, char or sentencepiece)")
+    have = list(getattr(tokenizer, "specials", ()))
+    missing = [s for s in specials if s not in have and len(tokenizer.encode(s)) != 1]  # sentencepiece: its pieces
+    if not missing:
+        return tokenizer
+    require(not fixed, f"the {tokenizer.kind} tokenizer given lacks the chat template's special tokens "
+            f"{', '.join(missing)}: prepare with a new tokenizer (drop --tokenizer-from) or another template")
+    require(tokenizer.kind in ("byte", "char"), f"a {tokenizer.kind} tokenizer cannot take the chat template's special "
+            f"tokens {', '.join(missing)} as single ids: use --tokenizer byte, char or a sentencepiece one trained here")
+    if tokenizer.kind == "byte":
+        return ByteTokenizer(have + missing)
+    return CharTokenizer(tokenizer.chars, have + missing)

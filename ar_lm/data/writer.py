@@ -38,6 +38,7 @@ from ar_lm.data.tokenizers import (
     Tokenizer,
     check_tokenizer_args,
     load_tokenizer,
+    with_specials,
 )
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_json, cpu_cores, sha256_file
@@ -50,12 +51,14 @@ def write_dataset(out: Path, docs: Iterable[Document] = (), tokenizer_kind: str 
                   val_fraction: float = 0.05, shard_tokens: int = 1 << 24, sp_model_type: str = "bpe",
                   source: dict | None = None, splits: dict[str, Iterable[Document]] | None = None,
                   buffer_mb: float = 64.0, workers: int = 0, sp_sample_mb: float = 20.0,
-                  tokenizer: Tokenizer | None = None, media: dict | None = None) -> dict:
+                  tokenizer: Tokenizer | None = None, media: dict | None = None, specials: Sequence[str] = ()) -> dict:
     """Tokenize `docs` (split by name hash) and the explicit `splits` into a dataset directory at `out`,
     which must not exist or be empty; returns its metadata. `tokenizer`: an existing one (another dataset's,
     so that both score the same tokens) instead of one trained on the train split. `workers` 0: one tokenizer
     process per core for corpora of PARALLEL_MIN_CHARS or more (sentencepiece, char), else this process.
-    `media`: metadata of a media dataset ("modality" and its shape; documents with ready ids, read here)."""
+    `media`: metadata of a media dataset ("modality" and its shape; documents with ready ids, read here).
+    `specials`: strings the tokenizer must hold as single ids (a chat template's). Documents with loss `spans`
+    (chat) get a loss mask: a uint8 shard beside each token shard, 1 where a token carries loss."""
     out = Path(out).absolute()
     require_fresh_output(out)
     if tokenizer is None:
@@ -65,16 +68,18 @@ def write_dataset(out: Path, docs: Iterable[Document] = (), tokenizer_kind: str 
     assert not (docs and "train" in splits), "documents to hash-split next to an explicit train split"
     streams: list[Stream] = ([("", docs)] if docs or not splits else []) + list(splits.items())
     survey = _survey(streams, val_fraction, "" if tokenizer else tokenizer_kind, int(sp_sample_mb * 1e6))
-    tokenizer = tokenizer or _make_tokenizer(tokenizer_kind, survey, vocab_size, sp_model_type)
+    given = tokenizer is not None
+    tokenizer = tokenizer or _make_tokenizer(tokenizer_kind, survey, vocab_size, sp_model_type, specials)
+    tokenizer = with_specials(tokenizer, specials, fixed=given)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         tok_path = tokenizer.save(tmp)
-        writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in survey.documents}
+        writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens, survey.masked) for s in survey.documents}
         n_workers = workers or (cpu_cores() if survey.chars >= PARALLEL_MIN_CHARS and tokenizer.kind != "byte" else 1)
-        n_workers = 1 if tokenizer.kind == LevelTokenizer.kind else n_workers  # media ids come ready
+        n_workers = 1 if tokenizer.kind == LevelTokenizer.kind or survey.masked else n_workers  # ready ids, masks
         _tokenize(streams, survey, tokenizer, tmp, writers, int(buffer_mb * 1e6), n_workers)
         meta = {
             "format": FORMAT_VERSION,
@@ -102,6 +107,7 @@ class _Survey:
     val_fraction: float
     documents: dict[str, int] = field(default_factory=dict)
     chars: int = 0
+    masked: bool = False  # some document has loss spans: every split gets mask shards
     moved_to_val: str = ""  # the one document a hash split without val documents gives to val
     char_counts: collections.Counter = field(default_factory=collections.Counter)
     sample: "LineSample | None" = None
@@ -124,6 +130,7 @@ def _survey(streams: Sequence[Stream], val_fraction: float, kind: str, sample_ch
             split = survey.split(tag, doc)
             survey.documents[split] = survey.documents.get(split, 0) + doc.ends
             survey.chars += doc.size
+            survey.masked |= doc.spans is not None
             if split != "train":
                 continue
             if not tag:
@@ -175,35 +182,45 @@ class LineSample:
         return [line for _, line in self.lines]
 
 
-def _make_tokenizer(kind: str, survey: _Survey, vocab_size: int, model_type: str) -> Tokenizer:
+def _make_tokenizer(kind: str, survey: _Survey, vocab_size: int, model_type: str, specials: Sequence[str] = ()):
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer.from_counts(survey.char_counts, vocab_size)
-    return SentencePieceTokenizer.train(survey.sample.texts(), vocab_size, model_type)
+    return SentencePieceTokenizer.train(survey.sample.texts(), vocab_size, model_type, specials=specials)
 
 
 class _SplitWriter:
     """One split's shards: tokens appended as they come; a shard closes at the first document end at or
     past `shard_tokens`. Counts documents, tokens, UTF-8 bytes, characters and whitespace-separated words."""
 
-    def __init__(self, directory: Path, split: str, dtype, shard_tokens: int):
+    def __init__(self, directory: Path, split: str, dtype, shard_tokens: int, masked: bool = False):
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, np.dtype(dtype), shard_tokens
         self.info = {"documents": 0, "tokens": 0, "bytes": 0, "chars": 0, "words": 0, "shards": []}
+        self.masked = masked
         self._file, self._hash, self._shard_tokens = None, None, 0
+        self._mask_file, self._mask_hash = None, None
 
-    def add(self, doc: Document, ids: np.ndarray, eos_id: int) -> int:
+    def add(self, doc: Document, ids: np.ndarray, eos_id: int, mask: np.ndarray | None = None) -> int:
         """Append one document (or piece) and, when it ends the document, the end-of-document id; returns
-        its UTF-8 bytes (a media document: its ids, one byte each; no characters, no words)."""
+        its UTF-8 bytes (a media document: its ids, one byte each; no characters, no words). `mask`: its
+        tokens' loss mask (masked datasets; the end-of-document id carries no loss)."""
         n_tokens = len(ids) + doc.ends
         if n_tokens:
             if self._file is None:
-                name = f"{self.split}_{len(self.info['shards']):05d}.bin"
-                self._file, self._hash, self._shard_tokens = open(self.directory / name, "wb"), hashlib.sha256(), 0
+                stem = self.directory / f"{self.split}_{len(self.info['shards']):05d}"
+                self._file, self._hash, self._shard_tokens = open(f"{stem}.bin", "wb"), hashlib.sha256(), 0
+                if self.masked:
+                    self._mask_file, self._mask_hash = open(f"{stem}.mask.bin", "wb"), hashlib.sha256()
             for part in (ids, [eos_id] if doc.ends else []):
                 raw = np.asarray(part).astype(self.dtype).tobytes()
                 self._file.write(raw)
                 self._hash.update(raw)
+            if self.masked:
+                bits = np.ones(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8)
+                raw = np.concatenate([bits, np.zeros(int(doc.ends), np.uint8)]).tobytes()
+                self._mask_file.write(raw)
+                self._mask_hash.update(raw)
             self._shard_tokens += n_tokens
         info = self.info
         info["documents"] += doc.ends
@@ -219,8 +236,12 @@ class _SplitWriter:
     def _close_shard(self) -> None:
         if self._file is not None:
             self._file.close()
-            self.info["shards"].append({"file": Path(self._file.name).name, "tokens": self._shard_tokens,
-                                        "sha256": self._hash.hexdigest()})
+            shard = {"file": Path(self._file.name).name, "tokens": self._shard_tokens, "sha256": self._hash.hexdigest()}
+            if self._mask_file is not None:
+                self._mask_file.close()
+                shard["mask"] = {"file": Path(self._mask_file.name).name, "sha256": self._mask_hash.hexdigest()}
+                self._mask_file = None
+            self.info["shards"].append(shard)
             self._file = None
 
     def close(self) -> dict:
@@ -230,11 +251,24 @@ class _SplitWriter:
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], threads: int = 0) -> list[np.ndarray]:
     """Token ids of each text (integer arrays: uint8 for bytes, else int32)."""
-    if tokenizer.kind == "byte":
+    if tokenizer.kind == "byte" and not tokenizer.specials:
         return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
     if tokenizer.kind == "sentencepiece":
         return [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts, threads)]
     return [np.asarray(tokenizer.encode(t), np.int32) for t in texts]
+
+
+def encode_with_mask(tokenizer: Tokenizer, doc: Document) -> tuple[np.ndarray, np.ndarray]:
+    """A chat document's ids and loss mask: the text encoded piece by piece, cut at its spans' edges, so every
+    token lies inside or outside the loss spans; 1 inside."""
+    cuts = sorted({0, len(doc.text), *(i for span in doc.spans for i in span)})
+    pieces = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    ids = [np.asarray(tokenizer.encode(doc.text[a:b]), np.int32) for a, b in pieces]
+    inside = [any(s <= a and b <= e for s, e in doc.spans) for a, b in pieces]
+    mask = [np.full(len(i), int(m), np.uint8) for i, m in zip(ids, inside)]
+    if not ids:
+        return np.zeros(0, np.int32), np.zeros(0, np.uint8)
+    return np.concatenate(ids), np.concatenate(mask)
 
 
 _WORKER_TOKENIZER: Tokenizer | None = None
@@ -279,6 +313,8 @@ def _tokenize(streams, survey: _Survey, tokenizer: Tokenizer, tok_dir: Path, wri
         for splits, docs in _chunks(streams, survey, chunk_chars):
             if docs[0].ids is not None:  # media documents come with their ids
                 encoded = [d.ids for d in docs]
+            elif survey.masked:  # chat documents: ids and loss mask, in this process
+                encoded = [encode_with_mask(tokenizer, d) for d in docs]
             else:
                 texts = [d.text for d in docs]
                 encoded = pool.submit(_encode_in_worker, texts) if pool else encode_texts(tokenizer, texts)
@@ -295,7 +331,9 @@ def _tokenize(streams, survey: _Survey, tokenizer: Tokenizer, tok_dir: Path, wri
 
 def _write_chunk(splits, docs, encoded, writers, eos_id: int, progress: "_Progress") -> None:
     ids = encoded.result() if isinstance(encoded, concurrent.futures.Future) else encoded
-    n_bytes = sum(writers[split].add(doc, doc_ids, eos_id) for split, doc, doc_ids in zip(splits, docs, ids))
+    ids = [i if isinstance(i, tuple) else (i, None) for i in ids]  # (ids, loss mask or None)
+    n_bytes = sum(writers[split].add(doc, doc_ids, eos_id, mask)
+                  for split, doc, (doc_ids, mask) in zip(splits, docs, ids))
     progress.advance(sum(d.ends for d in docs), sum(d.size for d in docs), n_bytes)
 
 

@@ -8,7 +8,8 @@ lm-evaluation-harness adapter and `ar-lm lm-eval`; they need the extra `ar_lm[ev
 layer, `ar_lm.model`, `ar_lm.data` (tokenizers), `ar_lm.parallel` (meshes) and `ar_lm.training` (run
 directories and checkpoints).
 
-The Python API: ``from ar_lm.decoding import generate, beam_search, speculative_generate, stream, Sampling``.
+The Python API: ``from ar_lm.decoding import generate, beam_search, speculative_generate, stream, Sampling``;
+``quantize_params`` (int8 weight-only, from `ar_lm.model.quantize`) turns params into ones any of them decode.
 """
 
 from ar_lm.decoding.beam import BeamResult, beam_search
@@ -16,6 +17,7 @@ from ar_lm.decoding.decoder import Generation, generate, generate_sliding
 from ar_lm.decoding.sampling import GREEDY, Sampling
 from ar_lm.decoding.speculative import speculative_generate
 from ar_lm.decoding.streaming import stream
+from ar_lm.model.quantize import quantize_params
 
 __all__ = ["BeamResult", "GREEDY", "Generation", "Sampling", "beam_search", "generate", "generate_sliding",
-           "speculative_generate", "stream"]
+           "quantize_params", "speculative_generate", "stream"]

@@ -9,14 +9,17 @@ import time
 from pathlib import Path
 
 from ar_lm.config import ModelConfig
-from ar_lm.data.tokenizers import load_tokenizer
+from ar_lm.data.chat import ChatTemplate, load_template
+from ar_lm.data.tokenizers import load_tokenizer, with_specials
 from ar_lm.decoding import media
 from ar_lm.decoding.beam import beam_search
+from ar_lm.decoding.chat import chat_loop
 from ar_lm.decoding.decoder import generate
 from ar_lm.decoding.sampling import Sampling
 from ar_lm.decoding.speculative import speculative_generate
 from ar_lm.decoding.streaming import stream
 from ar_lm.errors import require
+from ar_lm.model.quantize import check_quantizable, quantize_params
 from ar_lm.parallel.mesh import inference_mesh, logical_rules, make_mesh, mesh_context
 from ar_lm.training import rundir
 from ar_lm.training.checkpoint import restore_latest_params
@@ -37,11 +40,14 @@ def decode_mesh(run_dir: str | Path):
     return make_mesh(mesh_cfg), logical_rules(mesh_cfg)
 
 
-def load_run(run_dir: str | Path, mesh=None, rules=None) -> LoadedRun:
+def load_run(run_dir: str | Path, mesh=None, rules=None, quantize=None) -> LoadedRun:
     """The model config and tokenizer of a run (None for an imported model whose tokenizer ar_lm does
-    not read), and with a mesh its latest-checkpoint parameters placed on it."""
+    not read), and with a mesh its latest-checkpoint parameters placed on it. `quantize` ("int8"): checked
+    without a mesh, and with one the parameters are quantised once (`ar_lm.model.quantize`)."""
     run_dir = Path(run_dir).absolute()
     cfg = rundir.load_run_config(run_dir)
+    if quantize is not None:
+        check_quantizable(cfg.model, quantize)
     tok_meta_path = run_dir / rundir.TOKENIZER / "metadata.json"
     tokenizer, tok_meta = None, {}
     if tok_meta_path.is_file():
@@ -52,6 +58,8 @@ def load_run(run_dir: str | Path, mesh=None, rules=None) -> LoadedRun:
     if mesh is None:
         return LoadedRun(cfg.model, None, tokenizer, tok_meta)
     _, params = restore_latest_params(run_dir, cfg, mesh, rules)
+    if quantize is not None:
+        params = quantize_params(cfg.model, params, quantize)
     return LoadedRun(cfg.model, params, tokenizer, tok_meta)
 
 
@@ -119,21 +127,23 @@ def generate_command(args) -> int:
     (see `ar_lm.cli`)."""
     if args.image_out is not None or args.audio_out is not None:
         return _media_command(args)
+    if args.chat:
+        return _chat_command(args)
     stray = [flag for flag, value in (("--prompt-image", args.prompt_image), ("--prompt-rows", args.prompt_rows),
                                       ("--seconds", args.seconds)) if value is not None]
     require(not stray, f"{', '.join(stray)} go with --image-out or --audio-out: add one or drop them")
     sampling = _sampling(args)
     require((args.prompt is None) != (args.prompt_ids is None), "give --prompt TEXT or --prompt-ids IDS (one of them)")
-    target = load_run(args.run_dir)  # config and tokenizer: check everything before restoring anything
+    target = load_run(args.run_dir, quantize=args.quantize)  # config and tokenizer: check before restoring
     if args.draft is not None:
-        _check_same_tokenizer(target, load_run(args.draft), args.draft)
+        _check_same_tokenizer(target, load_run(args.draft, quantize=args.quantize), args.draft)
     tok = target.tokenizer
     require(tok is not None or args.prompt is None,
             f"run {args.run_dir} has no text tokenizer (an imported model's tokenizer ar_lm does not read): "
             "give --prompt-ids")
     mesh, rules = decode_mesh(args.run_dir)
-    target = load_run(args.run_dir, mesh, rules)  # now with its parameters
-    draft = None if args.draft is None else load_run(args.draft, mesh, rules)
+    target = load_run(args.run_dir, mesh, rules, args.quantize)  # now with its parameters
+    draft = None if args.draft is None else load_run(args.draft, mesh, rules, args.quantize)
     eos_id = args.eos_id if args.eos_id is not None else (tok.eos_id if tok is not None else None)
     if args.prompt_ids is not None:  # ids as given, e.g. from the model's own (Hugging Face) tokenizer
         prompt_ids = parse_token_ids(args.prompt_ids)
@@ -154,17 +164,39 @@ def generate_command(args) -> int:
     return 0
 
 
+def _chat_command(args) -> int:
+    """`--chat`: a conversation on stdin/stdout with the template the run's data was prepared with (or
+    --chat-template), reusing the KV cache across turns (`ar_lm.decoding.chat`)."""
+    given = [f for f, v in (("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids), ("--draft", args.draft),
+                            ("--json", args.json or None)) if v is not None] + (["--beams"] if args.beams > 1 else [])
+    require(not given, f"--chat reads the conversation from stdin: drop {', '.join(given)}")
+    sampling = _sampling(args)
+    target = load_run(args.run_dir, quantize=args.quantize)
+    require(target.tokenizer is not None, f"run {args.run_dir} has no text tokenizer: --chat needs one")
+    saved = json.loads((Path(args.run_dir) / rundir.TOKENIZER / "metadata.json").read_text()).get("chat_template")
+    require(saved is not None or args.chat_template, f"run {args.run_dir} was not trained on chat data (no chat "
+            "template in its tokenizer metadata): give --chat-template NAME|tokenizer_config.json")
+    template = load_template(args.chat_template) if args.chat_template else ChatTemplate.from_json(saved)
+    with_specials(target.tokenizer, template.specials, fixed=True)  # the run's tokenizer must hold them
+    mesh, rules = decode_mesh(args.run_dir)
+    target = load_run(args.run_dir, mesh, rules, args.quantize)
+    with mesh_context(mesh, rules):
+        chat_loop(target.cfg, target.params, target.tokenizer, template, args.max_new_tokens or 256, sampling,
+                  args.seed)
+    return 0
+
+
 def _media_command(args) -> int:
     """`--image-out`: K images (completing --prompt-image's top rows) as one grid PNG; `--audio-out`: a WAV.
     Every flag is checked before the parameters are restored; the file is written once generation is done."""
-    target = load_run(args.run_dir)
+    target = load_run(args.run_dir, quantize=args.quantize)
     spec = media.media_spec(args.run_dir)
     media.check_media_args(args, spec, args.run_dir)
     sampling = _sampling(args, vocab_limit=spec.levels)
     sampling.check_vocab(target.cfg.vocab_size)
     prompt_levels = [] if args.prompt_image is None else media.image_prompt(spec, args.prompt_image, args.prompt_rows)
     mesh, rules = decode_mesh(args.run_dir)
-    target = load_run(args.run_dir, mesh, rules)
+    target = load_run(args.run_dir, mesh, rules, args.quantize)
     t0 = time.perf_counter()
     with mesh_context(mesh, rules):
         if args.image_out is not None:

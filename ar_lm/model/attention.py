@@ -21,6 +21,7 @@ from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
 from ar_lm.model.layers import RMSNorm, hidden_initializers, param, rope
 from ar_lm.model.mup import query_multiplier
 from ar_lm.model.pallas_attention import pallas_causal_attention
+from ar_lm.model.quantize import dequantize
 
 Array = jax.Array
 
@@ -183,7 +184,7 @@ class Attention(nn.Module):
         bias = cfg.family == "gpt2"
 
         def project(name, n, axes):
-            w = param(self, f"{name}_kernel", init, (d, n, dh), ("embed", axes, "head_dim"), pdt)
+            w = dequantize(param(self, f"{name}_kernel", init, (d, n, dh), ("embed", axes, "head_dim"), pdt))
             # a 2-D matmul (d -> n*dh): XLA:CPU runs it much faster than the 3-D einsum
             y = (x_BxLxD @ w.reshape(d, n * dh).astype(dtype)).reshape(*x_BxLxD.shape[:2], n, dh)
             if bias:
@@ -206,7 +207,7 @@ class Attention(nn.Module):
         out_BxLxHxDh, new_cache = attend(cfg, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer,
                                          kv_pos_BxS, cache_index, segment_ids_BxL)
 
-        wo = param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
+        wo = dequantize(param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt))
         y_BxLxD = out_BxLxHxDh.reshape(*out_BxLxHxDh.shape[:2], h * dh) @ wo.reshape(h * dh, d).astype(dtype)
         if bias:
             y_BxLxD = y_BxLxD + param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dtype)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ar_lm.config import ModelConfig
 from ar_lm.model.backend import resolve_compute_dtype
 from ar_lm.model.mup import hidden_init_std
+from ar_lm.model.quantize import dequantize
 
 Array = jax.Array
 
@@ -96,7 +97,7 @@ class Mlp(nn.Module):
         init, out_init = hidden_initializers(cfg)
 
         def dense(name, shape, axes, kernel_init, x):
-            w = param(self, f"{name}_kernel", kernel_init, shape, axes, pdt)
+            w = dequantize(param(self, f"{name}_kernel", kernel_init, shape, axes, pdt))
             return jnp.einsum("bli,io->blo", x, w.astype(dtype))
 
         if cfg.family == "gpt2":

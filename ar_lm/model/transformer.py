@@ -18,6 +18,7 @@ from ar_lm.model.attention import Attention, segment_positions
 from ar_lm.model.backend import resolve_compute_dtype, resolve_remat
 from ar_lm.model.layers import Mlp, make_norm, param
 from ar_lm.model.mup import output_multiplier
+from ar_lm.model.quantize import dequantize
 
 Array = jax.Array
 Cache = dict  # {"k": [n_layers, B, K, S, Dh], "v": [n_layers, B, K, S, Dh]}
@@ -113,9 +114,9 @@ class Transformer(nn.Module):
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
 
-        embed_VxD = param(
+        embed_VxD = dequantize(param(
             self, "embed", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt
-        )
+        ))
         x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dtype)
         if cfg.family == "gpt2":
             pos_PxD = param(
@@ -132,10 +133,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(dtype))
         else:
-            unembed_DxV = param(
+            unembed_DxV = dequantize(param(
                 self, "unembed", nn.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                 ("embed", "vocab"), pdt,
-            )
+            ))
             logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dtype))
         if output_multiplier(cfg) != 1.0:  # muP: logits scaled by base_width / width
             logits_BxLxV = logits_BxLxV * output_multiplier(cfg)

@@ -31,13 +31,16 @@ from ar_lm.model.transformer import apply
 from ar_lm.parallel.mesh import inference_mesh, logical_rules, logical_sharding, make_mesh, mesh_context, replicated
 from ar_lm.training import rundir
 from ar_lm.training.checkpoint import restore_latest_params
+from ar_lm.training.exposure import exposure, exposure_budget, make_exposure_step
 from ar_lm.training.state import param_shardings
-from ar_lm.training.step import window_segment_ids
+from ar_lm.training.step import split_loss_mask, window_segment_ids
 
 
 def make_eval_step(cfg: ExperimentConfig, param_shardings, batch_sharding, eos_id: Optional[int] = None):
     """The jitted scoring of val windows; `eos_id` (the dataset's) is needed by `data.document_mask`."""
     def eval_step(params, batch_BxL1, weight_BxL, tables):
+        batch_BxL1, loss_BxL = split_loss_mask(batch_BxL1)  # a chat dataset's masked targets score nothing
+        weight_BxL = weight_BxL * loss_BxL
         inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
         logits_BxLxV = apply(cfg.model, params, inputs_BxL, segment_ids_BxL=window_segment_ids(cfg, inputs_BxL, eos_id))
         logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
@@ -93,17 +96,21 @@ def evaluate_run(
     split: str = "val",
     stride: Optional[int] = None,
     batches: Optional[int] = None,
+    exposure_k: Optional[int] = None,
 ) -> dict:
     """`ar-lm eval`: the latest checkpoint of `run_dir` on `split` of its (or another) dataset: the whole split
     in strided windows (`stride`, default data.seq_len; see `strided_batches`), or, given `max_tokens` or
     `batches` (of data.batch_size windows), the seeded subset of whole windows that training evaluates with
-    that budget (`eval_window_indices`)."""
+    that budget (`eval_window_indices`). `exposure_k`: also the exposure-bias gap after K generated tokens
+    on the seeded subset (`ar_lm.training.exposure`; budget train.eval_tokens unless given)."""
     require(max_tokens is None or max_tokens >= 0,
             f"--tokens must be >= 0, got {max_tokens}: use 0 for the whole val split (up to {EVAL_TOKENS_CAP:,})")
     require(batches is None or batches >= 1, f"--batches must be >= 1, got {batches}")
     run_dir = Path(run_dir).absolute()
     cfg = rundir.load_run_config(run_dir)
     seq_len, batch = cfg.data.seq_len, cfg.data.batch_size
+    if exposure_k is not None:  # scored on whole windows of the seeded subset
+        max_tokens = exposure_budget(exposure_k, cfg, stride, max_tokens, batches)
     whole = max_tokens is None and batches is None
     require(whole or stride is None, "--stride applies to whole-split scoring: drop --tokens/--batches (or use --all)")
     stride = seq_len if stride is None else stride
@@ -129,7 +136,12 @@ def evaluate_run(
     eval_fn = make_eval_step(cfg, param_shardings(cfg, mesh, rules), batch_sharding, dataset.eos_id)
     with mesh_context(mesh, rules):
         result = evaluate(eval_fn, params, data, batch_sharding, token_tables(dataset))
+        if exposure_k is not None:
+            exposure_fn = make_exposure_step(cfg, exposure_k, param_shardings(cfg, mesh, rules), batch_sharding,
+                                             dataset.eos_id)
+            result |= exposure(exposure_fn, params, data, batch_sharding, exposure_k, seq_len)
     out = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "bits_per_char")}
+    out |= {k: v for k, v in result.items() if k.startswith("exposure_")}
     if name := modality_metric_name(dataset.meta):  # images, audio: one byte per dimension
         out[name] = out["bits_per_byte"]
     if whole and info.get("words"):  # every target scored: the split's words cover its tokens
@@ -155,12 +167,16 @@ def format_result(r: dict) -> str:
             lines[-1] = f"{label:<11} {r[name]:.4f}"
     if "word_perplexity" in r:
         lines.append(f"word ppl    {r['word_perplexity']:.3f}")
+    if "exposure_gap" in r:
+        lines.append(f"exposure    K={r['exposure_k']}, {r['exposure_windows']} windows: nll "
+                     f"{r['exposure_nll_own']:.4f} after own tokens, {r['exposure_nll_teacher']:.4f} after true: "
+                     f"gap {r['exposure_gap']:+.4f}")
     return "\n".join(lines)
 
 
 def eval_command(args) -> int:
     """`ar-lm eval RUN_DIR [--data DIR] [--split val|test] [--all | --batches N | --tokens T] [--stride S]
-    [--json]`: prints the result (one JSON object with --json)."""
-    result = evaluate_run(args.run_dir, args.data, args.tokens, args.split, args.stride, args.batches)
+    [--exposure K] [--json]`: prints the result (one JSON object with --json)."""
+    result = evaluate_run(args.run_dir, args.data, args.tokens, args.split, args.stride, args.batches, args.exposure)
     print(json.dumps(result) if args.json else format_result(result))
     return 0

@@ -29,6 +29,7 @@ from ar_lm.training.checkpoint import Checkpointer
 from ar_lm.training.evaluate import evaluate, make_eval_step, token_tables
 from ar_lm.training.metrics import RunLogger, eval_set_records, peak_flops_per_device
 from ar_lm.training.optimizer import run_optimizer
+from ar_lm.training.scheduled_sampling import SS_METRICS
 from ar_lm.training.state import abstract_state, init_state, state_shardings
 from ar_lm.training.step import make_train_step
 
@@ -266,7 +267,8 @@ class _StepLog:
         m = jax.device_get(metrics)
         record = {"step": step, "split": "train", "loss": float(m["loss"]), "lr": float(m["lr"]),
                   "grad_norm": float(m["grad_norm"]), "tokens": step * self.run.tokens_per_step,
-                  "skipped": not bool(m["finite"]), "skipped_total": int(m["n_skipped"])}
+                  "skipped": not bool(m["finite"]), "skipped_total": int(m["n_skipped"]),
+                  **{k: float(m[k]) for k in SS_METRICS if k in m}}
         now = time.perf_counter()
         if self.clock is not None and self.steps > 0 and now > self.clock:
             tps = self.steps * self.run.tokens_per_step / (now - self.clock)

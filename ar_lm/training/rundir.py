@@ -45,7 +45,8 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 SPEED_FIELDS = ("model.remat", "model.attention", "model.scan_layers", "model.compute_dtype")
 DATA_ORDER_FIELDS = ("data.seq_len", "data.batch_size", "data.shuffle_seed")
 DATA_FUNCTION_FIELDS = ("data.document_mask",)  # what the model computes on the same windows
-TRAINING_FIELDS = ("train.steps", "train.tokens", "train.seed")  # with all of optim: the updates so far
+TRAINING_FIELDS = ("train.steps", "train.tokens", "train.seed",  # with all of optim: the updates so far
+                   "train.ss_schedule", "train.ss_start", "train.ss_end", "train.ss_k", "train.ss_token")
 
 
 def _flat(cfg: ExperimentConfig) -> dict:
@@ -96,7 +97,8 @@ def copy_tokenizer(run_dir: Path, data_dir: Path, meta: dict) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(data_dir) / meta["tokenizer"]["file"], dest / meta["tokenizer"]["file"])
     media = {k: meta[k] for k in ("modality", "image", "audio") if k in meta}  # what generation writes back
-    atomic_write_json(dest / "metadata.json", {"tokenizer": meta["tokenizer"], **media})
+    chat = {k: v for k, v in meta.get("source", {}).items() if k == "chat_template"}  # `generate --chat`
+    atomic_write_json(dest / "metadata.json", {"tokenizer": meta["tokenizer"], **media, **chat})
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -10,11 +10,13 @@ import numpy as np
 import optax
 
 from ar_lm.config import ExperimentConfig
+from ar_lm.data.dataset import NO_LOSS_BIT
 from ar_lm.model.attention import document_segment_ids
 from ar_lm.model.backend import cpu_compiler_options
 from ar_lm.model.transformer import apply
 from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.training.optimizer import run_optimizer
+from ar_lm.training.scheduled_sampling import SS_METRICS, ss_inputs
 from ar_lm.training.state import abstract_state, state_shardings
 
 
@@ -29,17 +31,37 @@ def window_segment_ids(cfg: ExperimentConfig, inputs_BxL: jax.Array, eos_id: Opt
     return document_segment_ids(inputs_BxL, eos_id)
 
 
-def loss_fn(params, batch_BxL1: jax.Array, cfg: ExperimentConfig, eos_id: Optional[int] = None):
-    """Mean next-token cross-entropy over the batch, plus `z_loss * mean(logsumexp^2)`; attention stays
-    inside documents under `data.document_mask` (see `window_segment_ids`)."""
+def split_loss_mask(batch_BxL1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(tokens [B, L+1], target weights [B, L] float32) of a batch whose tokens may carry `NO_LOSS_BIT` (a chat
+    dataset's loss mask, packed by the pipeline): weight 0 on targets without loss. Without a mask: the batch
+    itself and all ones."""
+    no_loss_BxL1 = (batch_BxL1 & NO_LOSS_BIT) != 0
+    return batch_BxL1 & (NO_LOSS_BIT - 1), (~no_loss_BxL1[:, 1:]).astype(jnp.float32)
+
+
+def masked_mean(x_BxL: jax.Array, weight_BxL: jax.Array) -> jax.Array:
+    """sum(w x) / max(sum w, 1), the mean over the targets with loss; exactly mean(x) when every weight is 1."""
+    masked = jnp.sum(x_BxL * weight_BxL) / jnp.maximum(jnp.sum(weight_BxL), 1.0)
+    return jnp.where(jnp.all(weight_BxL > 0), jnp.mean(x_BxL), masked)
+
+
+def loss_fn(params, batch_BxL1: jax.Array, cfg: ExperimentConfig, eos_id: Optional[int] = None,
+            fed_BxL: Optional[jax.Array] = None):
+    """Mean next-token cross-entropy over the batch's targets with loss (all but a chat dataset's masked ones,
+    `split_loss_mask`), plus `z_loss * mean(logsumexp^2)` over the same; attention stays
+    inside documents under `data.document_mask` (see `window_segment_ids`). `fed_BxL`: inputs fed instead
+    of the true ones (scheduled sampling's mixed inputs; targets and segments stay the true ones)."""
+    batch_BxL1, weight_BxL = split_loss_mask(batch_BxL1)
     inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
-    logits_BxLxV = apply(cfg.model, params, inputs_BxL, segment_ids_BxL=window_segment_ids(cfg, inputs_BxL, eos_id))
+    segment_ids_BxL = window_segment_ids(cfg, inputs_BxL, eos_id)
+    fed_BxL = inputs_BxL if fed_BxL is None else fed_BxL
+    logits_BxLxV = apply(cfg.model, params, fed_BxL, segment_ids_BxL=segment_ids_BxL)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    ce = jnp.mean(lse_BxL - target_logit_BxL)
+    ce = masked_mean(lse_BxL - target_logit_BxL, weight_BxL)
     total = ce
     if cfg.optim.z_loss:
-        total = total + cfg.optim.z_loss * jnp.mean(jnp.square(lse_BxL))
+        total = total + cfg.optim.z_loss * masked_mean(jnp.square(lse_BxL), weight_BxL)
     return total, ce
 
 
@@ -50,21 +72,46 @@ def micro_batches(batch_BxL1: jax.Array, accum: int) -> jax.Array:
     return batch_BxL1.reshape(-1, accum, batch_BxL1.shape[-1]).swapaxes(0, 1)
 
 
-def _grads(cfg: ExperimentConfig, params, batch_BxL1, eos_id: Optional[int]):
-    """(mean cross-entropy, gradients) over the batch, accumulated over `optim.grad_accum` micro-batches."""
-    accum = cfg.optim.grad_accum
+def _micro_grads(cfg: ExperimentConfig, params, mb_BxL1, eos_id: Optional[int], step, micro):
+    """(cross-entropy, gradients, scheduled-sampling metrics) of one micro-batch: the plain loss, or under
+    `train.ss_schedule` the two-pass step (`scheduled_sampling.ss_inputs`, then the loss on its mixed inputs)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if cfg.train.ss_schedule == "none":
+        (_, ce), grads = grad_fn(params, mb_BxL1, cfg, eos_id)
+        return ce, grads, {}
+    inputs_BxL = split_loss_mask(mb_BxL1)[0][:, :-1]
+    segment_ids_BxL = window_segment_ids(cfg, inputs_BxL, eos_id)
+    fed_BxL, prob, replaced = ss_inputs(cfg, params, inputs_BxL, step, micro, segment_ids_BxL)
+    (_, ce), grads = grad_fn(params, mb_BxL1, cfg, eos_id, fed_BxL)
+    return ce, grads, dict(zip(SS_METRICS, (prob, replaced)))
+
+
+def loss_shares(mbs_AxBxL1: jax.Array) -> jax.Array:
+    """[A] micro-batch weights n_i / mean(n) (n_i: its targets with loss), so that accumulating the weighted
+    micro-batch means gives the mean over the whole batch's targets with loss; all exactly 1 without a mask."""
+    n_A = jax.vmap(lambda mb: jnp.sum(split_loss_mask(mb)[1]))(mbs_AxBxL1)
+    return n_A / jnp.maximum(jnp.sum(n_A) / n_A.shape[0], 1.0)
+
+
+def _grads(cfg: ExperimentConfig, params, batch_BxL1, eos_id: Optional[int], step=0):
+    """(mean cross-entropy, gradients, mean scheduled-sampling metrics) over the batch, accumulated over
+    `optim.grad_accum` micro-batches."""
+    accum = cfg.optim.grad_accum
     if accum == 1:
-        (_, ce), grads = grad_fn(params, batch_BxL1, cfg, eos_id)
-        return ce, grads
+        return _micro_grads(cfg, params, batch_BxL1, eos_id, step, 0)
 
-    def body(carry, mb):
-        (_, ce_i), g_i = grad_fn(params, mb, cfg, eos_id)
-        return jax.tree.map(jnp.add, carry, (g_i, ce_i)), None
+    mbs = micro_batches(batch_BxL1, accum)
+    share_A = loss_shares(mbs)
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-    (grads, ce), _ = jax.lax.scan(body, zeros, micro_batches(batch_BxL1, accum))
-    return ce / accum, jax.tree.map(lambda g: g / accum, grads)
+    def body(carry, xs):
+        ce_i, g_i, ss_i = _micro_grads(cfg, params, xs[0], eos_id, step, xs[1])
+        ce_i, g_i = ce_i * xs[2], jax.tree.map(lambda g: g * xs[2], g_i)  # each micro-batch by its targets
+        return jax.tree.map(jnp.add, carry, (g_i, ce_i, ss_i)), None
+
+    ss_zeros = {} if cfg.train.ss_schedule == "none" else {k: jnp.zeros((), jnp.float32) for k in SS_METRICS}
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), ss_zeros)
+    (grads, ce, ss), _ = jax.lax.scan(body, zeros, (mbs, jnp.arange(accum), share_A))
+    return ce / accum, jax.tree.map(lambda g: g / accum, grads), jax.tree.map(lambda m: m / accum, ss)
 
 
 def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_sharding,
@@ -77,7 +124,7 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
 
     def step_fn(state, batch_BxL1):
         params = state["params"]
-        ce, grads = _grads(cfg, params, batch_BxL1, eos_id)
+        ce, grads, ss_metrics = _grads(cfg, params, batch_BxL1, eos_id, state["step"])
         if nan_steps.size:  # fault injection for tests only: a NaN loss at the configured (1-based) steps
             poison = jnp.where(jnp.isin(state["step"] + 1, nan_steps), jnp.nan, 1.0)
             ce, grads = ce * poison, jax.tree.map(lambda g: g * poison, grads)
@@ -97,7 +144,7 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
             "n_skipped": state["n_skipped"] + (~finite).astype(jnp.int32),
         }
         metrics = {"loss": ce, "grad_norm": grad_norm, "lr": lr, "finite": finite,
-                   **{k: new_state[k] for k in ("bad_step", "skips", "n_skipped")}}
+                   **{k: new_state[k] for k in ("bad_step", "skips", "n_skipped")}, **ss_metrics}
         return new_state, metrics
 
     return jax.jit(
