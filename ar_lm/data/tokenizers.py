@@ -316,6 +316,8 @@ def load_tokenizer(directory: Path, kind: str) -> Tokenizer:
 def with_specials(tokenizer: Tokenizer, specials: Sequence[str], fixed: bool = False) -> Tokenizer:
     """`tokenizer` holding every string of `specials` as one id (appended after its ids). `fixed`: an existing
     dataset's tokenizer, whose ids cannot grow: it must hold them already."""
+    if not specials:
+        return tokenizer
     require(tokenizer.kind != LevelTokenizer.kind, "a levels tokenizer (images, audio) cannot take a chat template's "
             "special tokens: chat data is text (--tokenizer byte, char or sentencepiece)")
     have = list(getattr(tokenizer, "specials", ()))
