@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import StealMeter, ar_lm_cli
+from machine import StealMeter, ar_lm_cli, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,11 +76,7 @@ def main() -> None:
         "note": "compress_s / decompress_s: whole commands (process start, restore, compilation, coding); "
                 "compress.tokens_per_s: the coding loop (with its step's compilation)",
     }
-    name = f"compression_{result['date']}_cpu{result['cores']}.json"
-    out_path = ROOT / "benchmarks" / "results" / name
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out_path}", file=sys.stderr)
+    write_result("compression", result)
 
 
 if __name__ == "__main__":

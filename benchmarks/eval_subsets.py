@@ -17,11 +17,10 @@ import dataclasses
 import datetime
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-from machine import StealMeter, ar_lm_cli
+from machine import StealMeter, ar_lm_cli, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,11 +78,7 @@ def main() -> None:
                           "in_training_val_loss": in_training["val_loss"]},
         "whole_split": {"loss": whole["loss"], "stderr": whole["stderr"], "eval_tokens": whole["eval_tokens"]},
     }
-    name = f"eval_subsets_{result['date']}_cpu{result['cores']}.json"
-    out = ROOT / "benchmarks" / "results" / name
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_result("eval_subsets", result)
 
 
 if __name__ == "__main__":

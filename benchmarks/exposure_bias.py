@@ -16,12 +16,11 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import StealMeter, ar_lm_cli
+from machine import StealMeter, ar_lm_cli, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("loss", "exposure_nll_teacher", "exposure_nll_own", "exposure_gap", "exposure_gap_se", "exposure_windows",
@@ -65,10 +64,7 @@ def main() -> None:
         "scheduled_sampling": scheduled,
         "gap_change": scheduled["exposure_gap"] - teacher["exposure_gap"],
     }
-    out = ROOT / "benchmarks" / "results" / f"exposure_bias_{result['date']}_cpu{result['cores']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_result("exposure_bias", result)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """How much of the machine a benchmark had: the share of CPU time the hypervisor stole during it; and
-`ar_lm_cli`, how a benchmark runs an `ar-lm` command.
+`ar_lm_cli`, how a benchmark runs an `ar-lm` command; `write_result`, where its results file goes.
 
 On a shared virtual machine the host may run other guests on our cores ("steal" in /proc/stat); a run
 with a large steal share is slower for reasons outside the code, so every results file records it.
@@ -7,6 +7,7 @@ with a large steal share is slower for reasons outside the code, so every result
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,13 @@ class StealMeter:
     def frac(self) -> float | None:
         steal, total = (now - then for now, then in zip(_cpu_jiffies(), self.start))
         return steal / total if total > 0 else None
+
+
+def write_result(stem: str, result: dict) -> Path:
+    """Write `result` (with its "date" and "cores") to benchmarks/results/<stem>_<date>_cpu<cores>.json,
+    print it, and say where it went."""
+    out = Path(__file__).resolve().parent / "results" / f"{stem}_{result['date']}_cpu{result['cores']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return out

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import StealMeter, ar_lm_cli
+from machine import StealMeter, ar_lm_cli, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "tiny_stories.txt"
@@ -96,10 +96,7 @@ def main() -> None:
                  for s, r in test.items()},
         "lm_eval": lm_eval.get("metrics", lm_eval),
     }
-    out = ROOT / "benchmarks" / "results" / f"standard_setup_{result['date']}_cpu{result['cores']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_result("standard_setup", result)
 
 
 if __name__ == "__main__":
