@@ -42,6 +42,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def user_cache_dir(name: str) -> Path:
+    """~/.cache/ar_lm/<name> (under $XDG_CACHE_HOME if set): what ar_lm keeps between runs on this machine."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ar_lm" / name
+
+
 def cpu_cores() -> int:
     """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -21,7 +21,7 @@ from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
 from ar_lm.model.layers import RMSNorm, hidden_initializers, param, rope
 from ar_lm.model.mup import query_multiplier
 from ar_lm.model.pallas_attention import pallas_causal_attention
-from ar_lm.model.quantize import dequantize
+from ar_lm.model.quantize import as_matrix, matmul
 
 Array = jax.Array
 
@@ -184,9 +184,9 @@ class Attention(nn.Module):
         bias = cfg.family == "gpt2"
 
         def project(name, n, axes):
-            w = dequantize(param(self, f"{name}_kernel", init, (d, n, dh), ("embed", axes, "head_dim"), pdt))
+            w = param(self, f"{name}_kernel", init, (d, n, dh), ("embed", axes, "head_dim"), pdt)
             # a 2-D matmul (d -> n*dh): XLA:CPU runs it much faster than the 3-D einsum
-            y = (x_BxLxD @ w.reshape(d, n * dh).astype(dtype)).reshape(*x_BxLxD.shape[:2], n, dh)
+            y = matmul(x_BxLxD, as_matrix(w, d), dtype).reshape(*x_BxLxD.shape[:2], n, dh)
             if bias:
                 y = y + param(self, f"{name}_bias", nn.initializers.zeros, (n, dh), (axes, "head_dim"), pdt).astype(dtype)
             return y
@@ -207,8 +207,8 @@ class Attention(nn.Module):
         out_BxLxHxDh, new_cache = attend(cfg, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer,
                                          kv_pos_BxS, cache_index, segment_ids_BxL)
 
-        wo = dequantize(param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt))
-        y_BxLxD = out_BxLxHxDh.reshape(*out_BxLxHxDh.shape[:2], h * dh) @ wo.reshape(h * dh, d).astype(dtype)
+        wo = param(self, "o_kernel", out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
+        y_BxLxD = matmul(out_BxLxHxDh.reshape(*out_BxLxHxDh.shape[:2], h * dh), as_matrix(wo, h * dh), dtype)
         if bias:
             y_BxLxD = y_BxLxD + param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dtype)
         return y_BxLxD, new_cache

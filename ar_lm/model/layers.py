@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ar_lm.config import ModelConfig
 from ar_lm.model.backend import resolve_compute_dtype
 from ar_lm.model.mup import hidden_init_std
-from ar_lm.model.quantize import dequantize
+from ar_lm.model.quantize import matmul
 
 Array = jax.Array
 
@@ -97,8 +97,7 @@ class Mlp(nn.Module):
         init, out_init = hidden_initializers(cfg)
 
         def dense(name, shape, axes, kernel_init, x):
-            w = dequantize(param(self, f"{name}_kernel", kernel_init, shape, axes, pdt))
-            return jnp.einsum("bli,io->blo", x, w.astype(dtype))
+            return matmul(x, param(self, f"{name}_kernel", kernel_init, shape, axes, pdt), dtype)
 
         if cfg.family == "gpt2":
             h_BxLxF = dense("wi", (d, f), ("embed", "mlp"), init, x_BxLxD)

@@ -5,7 +5,8 @@ for a kernel W with contraction axes C, scale = max_C |W| / 127 (float32, one pe
 q = round(W / scale) in [-127, 127] (int8), so |W - q * scale| <= scale / 2 elementwise.
 
 A quantised kernel is a `QuantizedArray` leaf pair in the param pytree in place of the float array; the model
-reads every weight through `dequantize`, the identity on a float array. Quantised: attention q/k/v/o, the MLP
+multiplies by every weight through `matmul` (the int8 kernel on CPU for decode-sized inputs, else `dequantize`,
+the identity on a float array) and looks up embeddings through `embed_lookup`. Quantised: attention q/k/v/o, the MLP
 kernels, the output projection (`unembed`) and the token embedding (per row: its logits matmul when tied,
 and the lookup). Norms, biases and gpt2's position table stay float.
 """
@@ -18,9 +19,11 @@ import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
 from ar_lm.errors import require
+from ar_lm.model import int8_kernel
 
 Array = jax.Array
 MODES = ("int8",)
+KERNEL_ROWS = 16  # up to this many rows (batch x new tokens) a matmul uses the int8 kernel; more: a float GEMM
 FAMILIES = ("gpt2", "llama")  # the families whose weight names CONTRACT_AXES covers
 # contraction axes of each quantised weight, as unrolled layers hold it (`layers/` stacks add a leading axis)
 CONTRACT_AXES = {"q_kernel": (0,), "k_kernel": (0,), "v_kernel": (0,), "o_kernel": (0, 1), "wi_kernel": (0,),
@@ -51,6 +54,33 @@ def dequantize(w):
     if isinstance(w, QuantizedArray):
         return w.q.astype(jnp.float32) * w.scale
     return w
+
+
+def as_matrix(w, k: int):
+    """A kernel (float or `QuantizedArray`) whose leading axes contract, viewed as [k, N] (scale [1, N])."""
+    if isinstance(w, QuantizedArray):
+        return QuantizedArray(w.q.reshape(k, -1), w.scale.reshape(1, -1))
+    return w.reshape(k, -1)
+
+
+def matmul(x_xK: Array, w, dtype, transposed: bool = False) -> Array:
+    """x @ w for a 2-D weight w [K, N] (`transposed`: w [N, K], x @ w.T), float or `QuantizedArray`, in `dtype`.
+    Int8 weights times float32 x with at most KERNEL_ROWS rows (decode steps) on CPU go through the int8 kernel
+    (`ar_lm.model.int8_kernel`), which reads the int8 weights; otherwise they are dequantised first."""
+    rows = x_xK.size // x_xK.shape[-1]
+    if (isinstance(w, QuantizedArray) and rows <= KERNEL_ROWS and jnp.dtype(dtype) == jnp.float32
+            and jax.default_backend() == "cpu" and int8_kernel.available()):
+        y = int8_kernel.int8_matmul(x_xK.reshape(rows, -1).astype(jnp.float32), w.q, w.scale.reshape(-1), transposed)
+        return y.reshape(*x_xK.shape[:-1], y.shape[-1])
+    w = dequantize(w).astype(dtype)
+    return x_xK.astype(dtype) @ (w.T if transposed else w)
+
+
+def embed_lookup(embed_VxD, tokens: Array) -> Array:
+    """Rows of an embedding table (float, or int8 with a scale per row: only the rows taken are dequantised)."""
+    if isinstance(embed_VxD, QuantizedArray):
+        return jnp.take(embed_VxD.q, tokens, axis=0).astype(jnp.float32) * jnp.take(embed_VxD.scale, tokens, axis=0)
+    return jnp.take(embed_VxD, tokens, axis=0)
 
 
 def is_quantized(params) -> bool:

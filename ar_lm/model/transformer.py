@@ -18,7 +18,7 @@ from ar_lm.model.attention import Attention, segment_positions
 from ar_lm.model.backend import resolve_compute_dtype, resolve_remat
 from ar_lm.model.layers import Mlp, make_norm, param
 from ar_lm.model.mup import output_multiplier
-from ar_lm.model.quantize import dequantize
+from ar_lm.model.quantize import embed_lookup, matmul
 
 Array = jax.Array
 Cache = dict  # {"k": [n_layers, B, K, S, Dh], "v": [n_layers, B, K, S, Dh]}
@@ -114,10 +114,10 @@ class Transformer(nn.Module):
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
 
-        embed_VxD = dequantize(param(
+        embed_VxD = param(
             self, "embed", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt
-        ))
-        x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dtype)
+        )
+        x_BxLxD = embed_lookup(embed_VxD, tokens_BxL).astype(dtype)
         if cfg.family == "gpt2":
             pos_PxD = param(
                 self, "pos_embed", nn.initializers.normal(cfg.init_std / 2), (cfg.max_seq_len, cfg.d_model),
@@ -131,13 +131,13 @@ class Transformer(nn.Module):
 
         x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
-            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(dtype))
+            logits_BxLxV = matmul(x_BxLxD, embed_VxD, dtype, transposed=True)
         else:
-            unembed_DxV = dequantize(param(
+            unembed_DxV = param(
                 self, "unembed", nn.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                 ("embed", "vocab"), pdt,
-            ))
-            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dtype))
+            )
+            logits_BxLxV = matmul(x_BxLxD, unembed_DxV, dtype)
         if output_multiplier(cfg) != 1.0:  # muP: logits scaled by base_width / width
             logits_BxLxV = logits_BxLxV * output_multiplier(cfg)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -14,13 +14,12 @@ import math
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import Optional
 
 import jax
 
 from ar_lm.errors import UserError, require
-from ar_lm.io import cpu_cores
+from ar_lm.io import cpu_cores, user_cache_dir
 
 
 def _on_tpu_pod() -> bool:
@@ -117,8 +116,7 @@ def enable_compilation_cache() -> None:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         path = os.environ["JAX_COMPILATION_CACHE_DIR"]
     else:
-        path = os.environ.get("AR_LM_COMPILE_CACHE") or str(
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ar_lm" / "jax")
+        path = os.environ.get("AR_LM_COMPILE_CACHE") or str(user_cache_dir("jax"))
     if path.lower() == "off":
         return
     jax.config.update("jax_compilation_cache_dir", path)
