@@ -193,6 +193,7 @@ def _generate(p) -> None:
                    "reply printed, the KV cache reused across turns (the run's chat template)")
     p.add_argument("--chat-template", metavar="NAME|tokenizer_config.json",
                    help="--chat: the template (default: the one the run's data was prepared with)")
+    p.add_argument("--system", metavar="TEXT", help="--chat: a system message that opens the conversation")
     p.add_argument("--prompt-ids", help="token ids to continue, e.g. '464, 3290' (for runs without a text tokenizer)")
     p.add_argument("--eos-id", type=int, help="stop at this token id (default: the tokenizer's end of document)")
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or what fits in the context")

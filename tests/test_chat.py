@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from ar_lm.cli import main
 from ar_lm.data.chat import CHATML, NAMED, ChatTemplate, load_template, render, render_text
 from ar_lm.data.dataset import NO_LOSS_BIT, TokenDataset
 from ar_lm.data.pipeline import eval_batches
-from ar_lm.decoding.chat import ChatSession, chat_turn_text
+from ar_lm.decoding.chat import ChatSession, chat_loop, chat_turn_text
 from ar_lm.decoding.decoder import generate
 from ar_lm.decoding.sampling import GREEDY
 from ar_lm.model.transformer import apply, init_params
@@ -237,6 +238,38 @@ def test_chat_turn_two_with_cache_reuse_equals_reprefilling_the_whole_conversati
     assert reply2 == whole.tokens[0, : whole.lengths[0]].tolist() and len(reply2) >= 2
 
 
+def test_chat_past_the_context_keeps_the_latest_whole_turns_and_the_system_message(chat_data):
+    out, _ = chat_data
+    ds = TokenDataset(out)
+    tok, template = ds.tokenizer, NAMED["chatml"]
+    cfg = tiny_config(out, model={"vocab_size": ds.vocab_size, "n_layers": 1, "max_seq_len": 128}).model
+    leaves, treedef = jax.tree.flatten(init_params(cfg, jax.random.PRNGKey(0)))  # noise: replies that vary by turn
+    params = jax.tree.unflatten(treedef, [w + 0.3 * jax.random.normal(jax.random.PRNGKey(i), w.shape)
+                                          for i, w in enumerate(leaves)])
+    eot = tok.encode(template.end_of_turn)[0]
+    lines = ["count to 3", "thanks", "count to 5", "thanks", "count to 1", "thanks", "count to 2"]
+    replies, notes = io.StringIO(), io.StringIO()
+    messages = chat_loop(cfg, params, tok, template, 6, lines=lines, out=replies, err=notes, system="you are welcome")
+    assert messages[0] == {"role": "system", "content": "you are welcome"} and len(messages) == 1 + 2 * len(lines)
+    slides = [(int(t), int(d)) for t, d in re.findall(r"user turn (\d+) .* dropped its oldest (\d+) ", notes.getvalue())]
+    assert len(slides) == len(notes.getvalue().splitlines())
+    assert slides and all(dropped >= 1 for _, dropped in slides)
+
+    def ids(window):
+        return [ds.eos_id] + tok.encode(render_text(template, messages[:1] + window, add_generation_prompt=True))
+
+    start = 1  # the first message of the window after the system one
+    for turn, dropped in slides:
+        start += 2 * dropped
+        user = 2 * turn - 1  # turn k's user message
+        window = messages[start: user + 1]
+        assert window[0]["role"] == "user" and len(ids(window)) + 6 <= cfg.max_seq_len  # it fits with the reply's room
+        assert len(ids(messages[start - 2: user + 1])) + 6 > cfg.max_seq_len  # one turn more would not
+        fresh = generate(cfg, params, [ids(window)], 6, GREEDY, eos_id=eot)  # the reply after the slide: a new cache
+        assert tok.decode(fresh.tokens[0, : fresh.lengths[0]].tolist()).removesuffix(template.end_of_turn) \
+            == messages[user + 1]["content"]
+
+
 def _bad(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -255,6 +288,7 @@ def test_bad_chat_input_is_one_line_and_writes_nothing(tmp_path, capsys, byte_da
     err = _bad(capsys, base + ["--chat-template", "chatml", "--tokenizer-from", str(byte_data)])
     assert "lacks the chat template's special tokens <|im_start|>, <|im_end|>" in err
     assert not out.exists()
+    assert "--system go with --chat" in _bad(capsys, ["generate", str(out), "--prompt", "x", "--system", "terse"])
 
 
 def test_a_sentencepiece_tokenizer_trained_here_keeps_the_specials_whole(tmp_path):

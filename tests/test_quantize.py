@@ -212,3 +212,24 @@ def test_decode_step_reads_int8_weights(trained):
     gen_q, gen_f = D.generate(cfg, qparams, np.asarray(prompt), 16), D.generate(cfg, dequantised, np.asarray(prompt), 16)
     assert np.mean(gen_q.tokens == gen_f.tokens) >= 0.9
     np.testing.assert_allclose(gen_q.logprobs[:, :4], gen_f.logprobs[:, :4], atol=1e-4)
+
+
+def test_int8_kernel_without_a_compiler_warns_once_and_dequantises(tmp_path):
+    """No C++ compiler: `available()` is False with one warning line, and int8 decoding still runs (dequantised)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import jax, numpy as np\n"
+            "from ar_lm.model import int8_kernel, quantize as MQ\n"
+            "w = jax.numpy.asarray(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))\n"
+            "qa = MQ.quantize_array(w, (0,))\n"
+            "y = MQ.matmul(jax.numpy.ones((1, 8)), qa, jax.numpy.float32)\n"
+            "assert not int8_kernel.available() and not int8_kernel.available()\n"
+            "np.testing.assert_allclose(y, jax.numpy.ones((1, 8)) @ MQ.dequantize(qa), rtol=1e-6)\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "AR_LM_KERNEL_CACHE": str(tmp_path / "k")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: int8 matmul kernel")]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0], out.stderr
+    assert not (tmp_path / "k").exists()  # nothing built, nothing written

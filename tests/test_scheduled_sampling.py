@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 
 from ar_lm.cli import main
-from ar_lm.data.dataset import TokenDataset
+from ar_lm.data.dataset import NO_LOSS_BIT, TokenDataset
 from ar_lm.data.pipeline import eval_batches
 from ar_lm.model.transformer import apply, init_params
 from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
@@ -162,7 +162,9 @@ def _fixed_token_bigram(cfg, c: int, seed: int = 0):
     return {**params, "embed": embed, "unembed": unembed}
 
 
-def test_exposure_gap_of_a_fixed_token_model_equals_the_hand_computation(byte_data):
+@pytest.mark.parametrize("masked", [False, True])
+def test_exposure_gap_of_a_fixed_token_model_equals_the_hand_computation(byte_data, masked):
+    """`masked`: a chat dataset's loss mask (NO_LOSS_BIT on a third of the tokens) scores only the others."""
     cfg = tiny_config(byte_data, model={"family": "llama", "vocab_size": 257, "tie_embeddings": False})
     c, k = 101, 5
     params = _fixed_token_bigram(cfg, c)
@@ -180,17 +182,31 @@ def test_exposure_gap_of_a_fixed_token_model_equals_the_hand_computation(byte_da
     own_inputs = w[:, js].copy()
     own_inputs[:, 0] = c  # the greedy prefix ends in c; a bigram sees only that one generated token
     own = -logp_VxV[own_inputs, w[:, js + 1]]
-    hand_gap = own.mean() - teacher.mean()
+    keep = np.ones_like(teacher)
+    if masked:
+        no_loss = np.random.default_rng(0).random(w.shape) < 1 / 3
+        keep = (~no_loss[:, js + 1]).astype(np.float64)  # the flag on token j drops the target predicting it
+        batches = list((w | np.where(no_loss, NO_LOSS_BIT, 0).astype(w.dtype)).reshape(2, B, -1))
+    count = keep.sum(1)
+    hand_teacher, hand_own = (teacher * keep).sum() / count.sum(), (own * keep).sum() / count.sum()
+    hand_gap = hand_own - hand_teacher
     assert abs(hand_gap) > 1e-3
 
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
     sharding = logical_sharding(mesh, rules, ("batch", "length"))
     step = make_exposure_step(cfg, k, param_shardings(cfg, mesh, rules), sharding)
     with mesh_context(mesh, rules):
-        r = exposure(step, params, batches, sharding, k, L)
-    assert r["exposure_windows"] == 2 * B and r["exposure_tokens"] == 2 * B * (L - 1 - k)
-    assert r["exposure_nll_teacher"] == pytest.approx(teacher.mean(), rel=1e-5)
-    assert r["exposure_nll_own"] == pytest.approx(own.mean(), rel=1e-5)
+        r = exposure(step, params, batches, sharding, k)
+    assert r["exposure_windows"] == 2 * B and r["exposure_tokens"] == count.sum()
+    assert (r["exposure_tokens"] < 2 * B * (L - 1 - k)) == masked
+    assert r["exposure_nll_teacher"] == pytest.approx(hand_teacher, rel=1e-5)
+    assert r["exposure_nll_own"] == pytest.approx(hand_own, rel=1e-5)
     assert r["exposure_gap"] == pytest.approx(hand_gap, abs=2e-5)
-    per_window = (own - teacher).mean(1)
-    assert r["exposure_gap_se"] == pytest.approx(per_window.std(ddof=1) / np.sqrt(len(per_window)), rel=1e-3)
+    if not masked:  # every window scores L - 1 - k targets: the standard error of the per-window mean gaps
+        per_window = (own - teacher).mean(1)
+        assert r["exposure_gap_se"] == pytest.approx(per_window.std(ddof=1) / np.sqrt(len(per_window)), rel=1e-3)
+    else:  # the delta method for a ratio of sums: residuals d_w - gap c_w, scaled by the mean count
+        residual = ((own - teacher) * keep).sum(1) - hand_gap * count
+        n = len(count)
+        se = np.sqrt((residual ** 2).sum() / (n * (n - 1))) / count.mean()
+        assert r["exposure_gap_se"] == pytest.approx(se, rel=1e-3)

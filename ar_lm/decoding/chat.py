@@ -7,7 +7,8 @@ the next free slots: one forward pass over a chunk right-padded to a power of tw
 (`decoder._step` in a `lax.while_loop`). The conversation so far is never re-prefilled, so turn k costs its own
 tokens, not the conversation's; the tokens equal those of re-prefilling the whole conversation.
 The text of each turn is the template's rendering of the whole conversation minus what the cache holds
-(`chat_turn_text`); a template whose rendering does not extend the previous one is refused.
+(`chat_turn_text`); a template whose rendering does not extend the previous one is refused. A conversation
+that outgrows the context keeps its most recent whole turns (and the system message) in a new cache.
 """
 
 from __future__ import annotations
@@ -71,11 +72,16 @@ class ChatSession:
     def __init__(self, cfg: ModelConfig, params, eot_id: int, sampling: Sampling = GREEDY, seed: int = 0):
         self.cfg, self.params = for_decoding(cfg, params)
         self.eot_id, self.sampling, self.seed = eot_id, sampling, seed
-        ctx = cfg.max_seq_len
+        self.turns = 0
+        self.restart()
+
+    def restart(self) -> None:
+        """An empty cache (a new document); the turn count, which seeds sampling, goes on."""
+        ctx = self.cfg.max_seq_len
         self.cache = constrain_cache(init_cache(self.cfg, 1, ctx))
         self.kv_pos_1xS = jnp.full((1, ctx), -1, jnp.int32)
         self.history: list[int] = []
-        self.slot, self.pending, self.turns = 0, [], 0
+        self.slot, self.pending = 0, []
 
     def turn(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         ctx = self.cfg.max_seq_len
@@ -110,30 +116,58 @@ def chat_turn_text(template: ChatTemplate, messages: list[dict], consumed: str) 
     return text[len(consumed):]
 
 
+def _window(template: ChatTemplate, tokenizer, system: list[dict], turns: list[dict], room: int):
+    """The longest suffix of `turns` (whole turns: it starts at a user message) that, after `system`, renders
+    with the generation prompt (after the end of document) to at most `room` tokens: (turns kept, their text,
+    turns dropped); None if even the last user turn does not fit."""
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    for dropped, i in enumerate(starts):
+        text = render_text(template, system + turns[i:], add_generation_prompt=True)
+        if 1 + len(tokenizer.encode(text)) <= room:
+            return turns[i:], text, dropped
+    return None
+
+
 def chat_loop(cfg: ModelConfig, params, tokenizer, template: ChatTemplate, max_new_tokens: int,
               sampling: Sampling = GREEDY, seed: int = 0, lines=None, out=None,
-              system: Optional[str] = None) -> list[dict]:
+              system: Optional[str] = None, err=None) -> list[dict]:
     """The terminal conversation: each line of `lines` (default stdin) is a user turn, each reply is printed
-    on its own line; returns the messages."""
-    lines, out = lines or sys.stdin, out or sys.stdout
+    on its own line; returns the messages. When a turn and min(max_new_tokens, context / 2) reply tokens no
+    longer fit the context, the oldest whole turns are dropped (the system message stays), a note goes to
+    `err` (default stderr) and a new cache is prefilled with what is left."""
+    lines, out, err = lines or sys.stdin, out or sys.stdout, err or sys.stderr
     eot = tokenizer.encode(template.end_of_turn)
     require(len(eot) == 1, f"the run's tokenizer holds the end-of-turn string {template.end_of_turn!r} as "
             f"{len(eot)} tokens, not one: train on data prepared with --chat-template {template.name}")
+    ctx = cfg.max_seq_len
+    reserve = min(max_new_tokens, ctx // 2)
     session = ChatSession(cfg, params, eot[0], sampling, seed)
-    messages = [{"role": "system", "content": system}] if system else []
-    consumed, first = "", True
+    system_msgs = [{"role": "system", "content": system}] if system else []
+    messages, start, consumed = list(system_msgs), 0, ""  # the cache holds messages[start:] after the system
     for line in lines:
         user = line.rstrip("\n")
         if not user.strip():
             continue
         messages.append({"role": "user", "content": user})
-        new_text = chat_turn_text(template, messages, consumed)
-        ids = ([tokenizer.eos_id] if first else []) + list(tokenizer.encode(new_text))  # a document starts after eos
+        new_text = chat_turn_text(template, system_msgs + messages[len(system_msgs) + start:], consumed)
+        ids = ([] if consumed else [tokenizer.eos_id]) + list(tokenizer.encode(new_text))  # a document starts after eos
+        if session.slot + len(session.pending) + len(ids) + reserve > ctx:
+            turns = messages[len(system_msgs) + start:]
+            window = _window(template, tokenizer, system_msgs, turns, ctx - reserve)
+            require(window is not None, f"the system message and the last user turn no longer fit the model's "
+                    f"context of {ctx} tokens with {reserve} for the reply: shorten them or lower --max-new-tokens")
+            kept, new_text, dropped = window
+            start, consumed = start + len(turns) - len(kept), ""
+            ids = [tokenizer.eos_id] + list(tokenizer.encode(new_text))
+            err.write(f"note: at user turn {session.turns + 1} the conversation outgrew the context of {ctx} "
+                      f"tokens: dropped its oldest {dropped} "
+                      f"turn(s); the cache is prefilled again with the rest ({len(ids)} tokens)\n")
+            session.restart()
         reply = session.turn(ids, max_new_tokens)
         reply_text = tokenizer.decode(reply)
         content = reply_text[: -len(template.end_of_turn)] if reply[-1] == eot[0] else reply_text
         out.write(content + "\n")
         out.flush()
         messages.append({"role": "assistant", "content": content})
-        consumed, first = consumed + new_text + reply_text, False
+        consumed += new_text + reply_text
     return messages

@@ -132,6 +132,9 @@ def generate_command(args) -> int:
     stray = [flag for flag, value in (("--prompt-image", args.prompt_image), ("--prompt-rows", args.prompt_rows),
                                       ("--seconds", args.seconds)) if value is not None]
     require(not stray, f"{', '.join(stray)} go with --image-out or --audio-out: add one or drop them")
+    stray = [flag for flag, value in (("--system", args.system), ("--chat-template", args.chat_template))
+             if value is not None]
+    require(not stray, f"{', '.join(stray)} go with --chat: add it or drop them")
     sampling = _sampling(args)
     require((args.prompt is None) != (args.prompt_ids is None), "give --prompt TEXT or --prompt-ids IDS (one of them)")
     target = load_run(args.run_dir, quantize=args.quantize)  # config and tokenizer: check before restoring
@@ -182,7 +185,7 @@ def _chat_command(args) -> int:
     target = load_run(args.run_dir, mesh, rules, args.quantize)
     with mesh_context(mesh, rules):
         chat_loop(target.cfg, target.params, target.tokenizer, template, args.max_new_tokens or 256, sampling,
-                  args.seed)
+                  args.seed, system=args.system)
     return 0
 
 

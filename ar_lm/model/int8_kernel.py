@@ -43,7 +43,7 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build(cache_dir: Path | None = None) -> Path:
+def build() -> Path:
     """The shared library (compiled now unless the cache holds it); raises OSError/CalledProcessError."""
     cxx = os.environ.get("CXX") or "c++"
     if shutil.which(cxx) is None:
@@ -51,7 +51,7 @@ def build(cache_dir: Path | None = None) -> Path:
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), jaxlib.__version__, cxx, *flags[:-1], _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    cache_dir = Path(cache_dir or os.environ.get("AR_LM_KERNEL_CACHE") or user_cache_dir("kernels"))
+    cache_dir = Path(os.environ.get("AR_LM_KERNEL_CACHE") or user_cache_dir("kernels"))
     lib = cache_dir / f"int8_matmul-{key}.so"
     if not lib.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
-#include <memory>
 #include <cstdint>
+#include <memory>
 
 #include "xla/ffi/api/ffi.h"
 

@@ -139,7 +139,7 @@ def evaluate_run(
         if exposure_k is not None:
             exposure_fn = make_exposure_step(cfg, exposure_k, param_shardings(cfg, mesh, rules), batch_sharding,
                                              dataset.eos_id)
-            result |= exposure(exposure_fn, params, data, batch_sharding, exposure_k, seq_len)
+            result |= exposure(exposure_fn, params, data, batch_sharding, exposure_k)
     out = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "bits_per_char")}
     out |= {k: v for k, v in result.items() if k.startswith("exposure_")}
     if name := modality_metric_name(dataset.meta):  # images, audio: one byte per dimension
