@@ -145,15 +145,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--date", required=True, help="the date in the results file names, e.g. 2026-12-01")
     ap.add_argument("--results", default="benchmarks/results")
-    ap.add_argument("--int8-date", help="the date of the decoding results with int8 rows, if not --date")
+    ap.add_argument("--decode-date", help="the date of the decoding results (float32 and int8 rows), if not --date")
     args = ap.parse_args()
     results = Path(args.results)
     train = results / f"train_throughput_{args.date}_cpu2_repeats3.json"
+    decode = results / f"decode_throughput_{args.decode_date or args.date}_cpu2.json"
     sections = [("Training throughput", train, lambda p: train_table(p)),
                 ("What each CPU default buys", train, lambda p: ablation_table(p, results, args.date)),
-                ("Decoding", results / f"decode_throughput_{args.date}_cpu2.json", decode_tables),
-                ("Int8 weight-only decoding", results / f"decode_throughput_{args.int8_date or args.date}_cpu2.json",
-                 int8_table),
+                ("Decoding", decode, decode_tables),
+                ("Int8 weight-only decoding", decode, int8_table),
                 ("Sharding memory", results / f"sharding_memory_{args.date}_cpu8.json", memory_table)]
     for title, path, render in sections:
         print(f"## {title}\n")

@@ -346,6 +346,58 @@ def test_sharded_decode_matches_single_device():
 
 
 # ---------------------------------------------------------------------------------------------
+# The CPU decode-attention kernel
+
+
+@pytest.mark.parametrize("b, l, h, kh, s, dh", [(2, 1, 6, 6, 37, 64), (3, 4, 8, 2, 50, 24), (1, 16, 4, 4, 33, 17)])
+def test_decode_attention_kernel_equals_the_masked_softmax(b, l, h, kh, s, dh):
+    """`cpu_kernels.decode_attention` over slice `layer` of a 3-layer cache equals `xla_attention` on that slice:
+    MHA and GQA, 1 to 16 queries, empty (-1) and future slots, a query that sees no slot (uniform), head dims
+    with a tail (17, 24)."""
+    from ar_lm.model import attention as MA
+    from ar_lm.model import cpu_kernels
+
+    assert cpu_kernels.available()  # CI has a C++ compiler: the kernels must build
+    rng = np.random.default_rng(s)
+    q = jnp.asarray(rng.normal(size=(b, l, h, dh)), jnp.float32)
+    k_cache, v_cache = (jnp.asarray(rng.normal(size=(3, b, kh, s, dh)), jnp.float32) for _ in range(2))
+    kv_pos = jnp.asarray(rng.integers(-1, s, size=(b, s)), jnp.int32)
+    q_pos = np.asarray(rng.integers(0, s, size=(b, l)), np.int32)
+    q_pos[0, 0] = -1  # sees no slot
+    q_pos = jnp.asarray(q_pos)
+    kernel = jax.jit(cpu_kernels.decode_attention)
+    for layer in range(3):
+        ref = MA.xla_attention(q, k_cache[layer], v_cache[layer], MA.attention_mask(q_pos, kv_pos))
+        out = kernel(q, k_cache, v_cache, layer, q_pos, kv_pos)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_steps_attend_through_the_kernel_and_prefill_and_meshes_do_not():
+    """A one-token step with a cache compiles to the kernel's custom call; a prefill of more than
+    KERNEL_QUERIES tokens, and a step traced under a mesh of two devices, run XLA's attention."""
+    from ar_lm.model import attention as MA
+    from ar_lm.parallel.mesh import logical_rules, make_mesh, mesh_context
+
+    cfg = CFGS["llama_gqa"]
+    params = params_of(cfg)
+
+    def hlo(length):
+        tokens = jnp.zeros((2, length), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (2, length))
+        kv_pos = jnp.full((2, cfg.max_seq_len), -1, jnp.int32).at[:, :length].set(positions)
+        cache = M.init_cache(cfg, 2, cfg.max_seq_len)
+        fn = jax.jit(lambda p: M.apply(cfg, p, tokens, positions_BxL=positions, cache=cache, cache_index=0,
+                                       kv_positions_BxS=kv_pos))
+        return fn.lower(params).compile().as_text()
+
+    assert "ar_lm_decode_attention" in hlo(1)
+    assert MA.KERNEL_QUERIES < cfg.max_seq_len and "ar_lm_decode_attention" not in hlo(MA.KERNEL_QUERIES + 1)
+    mesh_cfg = MeshConfig(data=2, devices=2)
+    with mesh_context(make_mesh(mesh_cfg), logical_rules(mesh_cfg)):
+        assert "ar_lm_decode_attention" not in hlo(1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 
 

@@ -45,3 +45,22 @@ def test_hf_extra_holds_only_what_ar_lm_imports():
     hf = {_name(r) for r in PYPROJECT["optional-dependencies"]["hf"]}
     imported = set().union(*(_distributions(m) for m in _third_party_imports(REPO / "ar_lm")))
     assert hf <= imported and not hf & {"torch", "transformers"}
+
+
+def test_wheel_ships_the_cpu_kernel_sources(tmp_path):
+    """A built (non-editable) wheel holds every C++ file `cpu_kernels` compiles on first use."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    from ar_lm.model import cpu_kernels
+
+    shutil.copytree(REPO / "ar_lm", tmp_path / "src" / "ar_lm", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tmp_path / "src" / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w",
+                    str(tmp_path / "dist")], cwd=tmp_path / "src", check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("ar_lm-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    needed = {f"ar_lm/model/{p.name}" for p in (*cpu_kernels.SOURCES, cpu_kernels.HEADER)}
+    assert len(needed) == 3 and needed <= shipped, needed - shipped

@@ -188,15 +188,15 @@ def test_cli_generate_quantize_bad_value_is_one_line(run_dir, capsys):
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
 def test_int8_kernel_equals_dequantised_matmul(m, transposed):
     """The XLA:CPU int8 kernel (vector and tail columns: N = 200, K = 72) equals x @ (q * scale) in float32."""
-    from ar_lm.model import int8_kernel
+    from ar_lm.model import cpu_kernels
 
-    assert int8_kernel.available()  # CI has a C++ compiler: the kernel must build
+    assert cpu_kernels.available()  # CI has a C++ compiler: the kernel must build
     rng = np.random.default_rng(m)
     w = jnp.asarray(rng.normal(size=(200, 72) if transposed else (72, 200)).astype(np.float32))
     qa = MQ.quantize_array(w, (1,) if transposed else (0,))
     x = jnp.asarray(rng.normal(size=(m, 72)).astype(np.float32))
     ref = x @ (dequantize(qa).T if transposed else dequantize(qa))
-    out = jax.jit(int8_kernel.int8_matmul, static_argnums=3)(x, qa.q, qa.scale.reshape(-1), transposed)
+    out = jax.jit(cpu_kernels.int8_matmul, static_argnums=3)(x, qa.q, qa.scale.reshape(-1), transposed)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
@@ -214,22 +214,28 @@ def test_decode_step_reads_int8_weights(trained):
     np.testing.assert_allclose(gen_q.logprobs[:, :4], gen_f.logprobs[:, :4], atol=1e-4)
 
 
-def test_int8_kernel_without_a_compiler_warns_once_and_dequantises(tmp_path):
-    """No C++ compiler: `available()` is False with one warning line, and int8 decoding still runs (dequantised)."""
+def test_cpu_kernels_without_a_compiler_warn_once_and_xla_ops_run(tmp_path):
+    """No C++ compiler: `available()` is False with one warning line, int8 matmuls are dequantised and decoding
+    attends through XLA's ops."""
     import os
     import subprocess
     import sys
 
     code = ("import jax, numpy as np\n"
-            "from ar_lm.model import int8_kernel, quantize as MQ\n"
+            "from ar_lm.model import cpu_kernels, quantize as MQ\n"
             "w = jax.numpy.asarray(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))\n"
             "qa = MQ.quantize_array(w, (0,))\n"
             "y = MQ.matmul(jax.numpy.ones((1, 8)), qa, jax.numpy.float32)\n"
-            "assert not int8_kernel.available() and not int8_kernel.available()\n"
-            "np.testing.assert_allclose(y, jax.numpy.ones((1, 8)) @ MQ.dequantize(qa), rtol=1e-6)\n")
+            "assert not cpu_kernels.available() and not cpu_kernels.available()\n"
+            "np.testing.assert_allclose(y, jax.numpy.ones((1, 8)) @ MQ.dequantize(qa), rtol=1e-6)\n"
+            "from ar_lm.config import ModelConfig\n"
+            "from ar_lm.decoding import generate\n"
+            "from ar_lm.model import transformer as M\n"
+            "cfg = ModelConfig(family='gpt2', vocab_size=11, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)\n"
+            "assert generate(cfg, M.init_params_jit(cfg, jax.random.key(0)), [[1, 2]], 3).tokens.shape == (1, 3)\n")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "AR_LM_KERNEL_CACHE": str(tmp_path / "k")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: int8 matmul kernel")]
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: CPU decode kernels")]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0], out.stderr
     assert not (tmp_path / "k").exists()  # nothing built, nothing written

@@ -10,7 +10,8 @@ every row writes its next token to the same cache slot and gets exactly what it 
 `generate`: prefill (one forward pass over the prompts into a cache of P + N - 1 slots), then `lax.scan`
 over N - 1 one-token steps (or `lax.while_loop` that stops once every row has emitted EOS), all in one
 jitted program. The cache is a loop carry that each layer updates in place; every step attends over all
-S slots (masked by slot position), so its cost depends on S, not on the position. `generate_sliding` goes
+S slots (masked by slot position), so its cost depends on S, not on the position, except on one CPU device,
+where the decode-attention kernel reads only the valid slots (`ar_lm.model.cpu_kernels`). `generate_sliding` goes
 past the context: once it is full, re-prefill each row's last max_seq_len // 2 tokens and go on.
 
 Returned log-probabilities are the model's own: log softmax of the unfiltered logits at temperature 1

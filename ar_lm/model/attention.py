@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
+from ar_lm.model import cpu_kernels
 from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
 from ar_lm.model.layers import RMSNorm, hidden_initializers, param, rope
 from ar_lm.model.mup import query_multiplier
@@ -24,6 +25,7 @@ from ar_lm.model.pallas_attention import pallas_causal_attention
 from ar_lm.model.quantize import as_matrix, matmul
 
 Array = jax.Array
+KERNEL_QUERIES = 16  # up to this many query positions a CPU decode step attends through `cpu_kernels`
 
 
 def attention_mask(q_pos_BxL: Array, kv_pos_BxS: Array) -> Array:
@@ -137,25 +139,39 @@ def write_cache(cache_LxBxKxSxDh: Array, layer, cache_index, new_BxKxLxDh: Array
     return jax.lax.fori_loop(0, new.shape[0], write_row, cache_LxBxKxSxDh)
 
 
+def _cache_kernel_applies(impl: str, dtype, cache, q_BxLxHxDh) -> bool:
+    """Whether a cache read goes through `cpu_kernels.decode_attention`: the hand-written softmax on CPU, float32,
+    at most KERNEL_QUERIES query positions (a decode step, not a prefill), traced for one device (no mesh, or a
+    mesh of one: the custom call has no partitioning rule, so a sharded cache would be gathered to every device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (impl == "xla" and jnp.dtype(dtype) == jnp.float32 and cache["k"].dtype == jnp.float32
+            and q_BxLxHxDh.shape[1] <= KERNEL_QUERIES and jax.default_backend() == "cpu"
+            and (mesh.empty or mesh.size == 1) and cpu_kernels.available())
+
+
 def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer, kv_pos_BxS,
            cache_index, segment_ids_BxL=None):
     """Attention output [B, L, H, Dh] for a chunk's projected queries, keys and values, and the new cache.
 
     No positions of keys (`kv_pos_BxS` None): plain causal self-attention over 0..L-1. With a cache, the
     chunk is written into slice `layer` at `cache_index` (in place, a loop carry) and attention reads the
-    whole slice, masked by the position of each slot. `segment_ids_BxL` (no cache only): attention stays
-    inside each segment."""
+    whole slice, masked by the position of each slot (a CPU decode step: only the valid slots, in place,
+    `cpu_kernels.decode_attention`). `segment_ids_BxL` (no cache only): attention stays inside each segment."""
     dtype = resolve_compute_dtype(cfg)
+    impl = resolve_attention(cfg)
     if cache is None:  # keys and values are the chunk itself
         k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh))
         new_cache = None
     else:  # write the chunk into slice `layer` of the whole cache (in place, a carry), then read it
         new_cache = {n: write_cache(cache[n], layer, cache_index, new.transpose(0, 2, 1, 3))
                      for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
+        if _cache_kernel_applies(impl, dtype, new_cache, q_BxLxHxDh):  # reads the slice in place
+            out_BxLxHxDh = cpu_kernels.decode_attention(q_BxLxHxDh, new_cache["k"], new_cache["v"], layer,
+                                                        positions_BxL, kv_pos_BxS)
+            return out_BxLxHxDh.astype(dtype), new_cache
         k_BxKxSxDh, v_BxKxSxDh = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dtype)
                                   for n in ("k", "v"))
 
-    impl = resolve_attention(cfg)
     dot_product = impl == "dot_product"
     if kv_pos_BxS is None:  # training/scoring: plain causal over positions 0..L-1, no cache
         causal = {"dot_product": dot_product_attention, "pallas": pallas_causal_attention}.get(impl, causal_attention)

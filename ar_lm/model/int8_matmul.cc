@@ -1,4 +1,4 @@
-// Int8 weight-only matmul for XLA:CPU (an XLA FFI handler, built and loaded by ar_lm/model/int8_kernel.py).
+// Int8 weight-only matmul for XLA:CPU (an XLA FFI handler, built and loaded by ar_lm/model/cpu_kernels.py).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[k, n]      (q int8 [K, N], "nn")
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]      (q int8 [N, K], "nt": a tied embedding's logits)
@@ -8,11 +8,10 @@
 // multiply-add), one output row group of up to 4 rows at a time, so the weights are read once per group.
 
 #include <algorithm>
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
@@ -98,16 +97,14 @@ void nt_block(const float* x, const int8_t* q, const float* scale, float* y, int
   }
 }
 
-// Work is cut into column chunks that the calling thread and the pool's threads claim from one counter; the
-// caller then waits only for chunks a pool thread has claimed, so a task the pool runs late (or never) is harmless.
+// Work is cut into column chunks, the tasks of `parallel_for`.
 struct Work {
   const float* x;
   const int8_t* q;
   const float* scale;
   float* y;
-  int64_t M, K, N, chunk, n_chunks;
+  int64_t M, K, N, chunk;
   bool nt;
-  std::atomic<int64_t> next{0}, done{0};
 };
 
 template <int R>
@@ -127,13 +124,6 @@ void run_chunk(const Work& w, int64_t c) {
   }
 }
 
-void drain(Work& w) {
-  for (int64_t c; (c = w.next.fetch_add(1)) < w.n_chunks;) {
-    run_chunk(w, c);
-    w.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool transposed) {
   const auto xd = x.dimensions(), qd = q.dimensions();
@@ -142,19 +132,9 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t N = transposed ? qd[0] : qd[1];
   if ((transposed ? qd[1] : qd[0]) != K || static_cast<int64_t>(scale.element_count()) != N)
     return ffi::Error::InvalidArgument("int8_matmul: shapes do not match");
-  auto w = std::make_shared<Work>();
-  w->x = x.typed_data();
-  w->q = q.typed_data();
-  w->scale = scale.typed_data();
-  w->y = y->typed_data();
-  w->M = M, w->K = K, w->N = N, w->nt = transposed;
-  w->chunk = transposed ? 16 : 64;
-  w->n_chunks = (N + w->chunk - 1) / w->chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), w->n_chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([w] { drain(*w); });
-  drain(*w);
-  while (w->done.load(std::memory_order_acquire) < w->n_chunks) {
-  }
+  const int64_t chunk = transposed ? 16 : 64;
+  const Work w{x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), M, K, N, chunk, transposed};
+  ar_lm::parallel_for(pool, (N + chunk - 1) / chunk, [w](int64_t c) { run_chunk(w, c); });
   return ffi::Error::Success();
 }
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
 from ar_lm.errors import require
-from ar_lm.model import int8_kernel
+from ar_lm.model import cpu_kernels
 
 Array = jax.Array
 MODES = ("int8",)
@@ -66,11 +66,11 @@ def as_matrix(w, k: int):
 def matmul(x_xK: Array, w, dtype, transposed: bool = False) -> Array:
     """x @ w for a 2-D weight w [K, N] (`transposed`: w [N, K], x @ w.T), float or `QuantizedArray`, in `dtype`.
     Int8 weights times float32 x with at most KERNEL_ROWS rows (decode steps) on CPU go through the int8 kernel
-    (`ar_lm.model.int8_kernel`), which reads the int8 weights; otherwise they are dequantised first."""
+    (`ar_lm.model.cpu_kernels`), which reads the int8 weights; otherwise they are dequantised first."""
     rows = x_xK.size // x_xK.shape[-1]
     if (isinstance(w, QuantizedArray) and rows <= KERNEL_ROWS and jnp.dtype(dtype) == jnp.float32
-            and jax.default_backend() == "cpu" and int8_kernel.available()):
-        y = int8_kernel.int8_matmul(x_xK.reshape(rows, -1).astype(jnp.float32), w.q, w.scale.reshape(-1), transposed)
+            and jax.default_backend() == "cpu" and cpu_kernels.available()):
+        y = cpu_kernels.int8_matmul(x_xK.reshape(rows, -1).astype(jnp.float32), w.q, w.scale.reshape(-1), transposed)
         return y.reshape(*x_xK.shape[:-1], y.shape[-1])
     w = dequantize(w).astype(dtype)
     return x_xK.astype(dtype) @ (w.T if transposed else w)
