@@ -143,16 +143,17 @@ def chat_loop(cfg: ModelConfig, params, tokenizer, template: ChatTemplate, max_n
     reserve = min(max_new_tokens, ctx // 2)
     session = ChatSession(cfg, params, eot[0], sampling, seed)
     system_msgs = [{"role": "system", "content": system}] if system else []
-    messages, start, consumed = list(system_msgs), 0, ""  # the cache holds messages[start:] after the system
+    messages, consumed = list(system_msgs), ""
+    start = len(system_msgs)  # the cache holds the system message and messages[start:]
     for line in lines:
         user = line.rstrip("\n")
         if not user.strip():
             continue
         messages.append({"role": "user", "content": user})
-        new_text = chat_turn_text(template, system_msgs + messages[len(system_msgs) + start:], consumed)
+        turns = messages[start:]
+        new_text = chat_turn_text(template, system_msgs + turns, consumed)
         ids = ([] if consumed else [tokenizer.eos_id]) + list(tokenizer.encode(new_text))  # a document starts after eos
         if session.slot + len(session.pending) + len(ids) + reserve > ctx:
-            turns = messages[len(system_msgs) + start:]
             window = _window(template, tokenizer, system_msgs, turns, ctx - reserve)
             require(window is not None, f"the system message and the last user turn no longer fit the model's "
                     f"context of {ctx} tokens with {reserve} for the reply: shorten them or lower --max-new-tokens")
@@ -160,8 +161,8 @@ def chat_loop(cfg: ModelConfig, params, tokenizer, template: ChatTemplate, max_n
             start, consumed = start + len(turns) - len(kept), ""
             ids = [tokenizer.eos_id] + list(tokenizer.encode(new_text))
             err.write(f"note: at user turn {session.turns + 1} the conversation outgrew the context of {ctx} "
-                      f"tokens: dropped its oldest {dropped} "
-                      f"turn(s); the cache is prefilled again with the rest ({len(ids)} tokens)\n")
+                      f"tokens: dropped its oldest {dropped} turn(s); the cache is prefilled again with the rest "
+                      f"({len(ids)} tokens)\n")
             session.restart()
         reply = session.turn(ids, max_new_tokens)
         reply_text = tokenizer.decode(reply)
