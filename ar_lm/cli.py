@@ -124,11 +124,26 @@ def _sweep(p) -> None:
     p.add_argument("--status", action="store_true", help="print the sweep's progress table from its directory and exit")
     p.add_argument("--dry-run", action="store_true", help="print the points and what would run where, run nothing")
     p.add_argument("--only", help="run only points whose name matches this glob (no fit)")
+    p.add_argument("--plan", metavar="TOPOLOGY", help="run nothing: compile every point for this TPU topology or "
+                   "accelerator type and print whether it fits, GiB per device, step time and chip-hours (plan.json)")
+    p.add_argument("--plan-slices", type=int, default=1, help="--plan: slices over DCN")
     p.add_argument("--no-fit", action="store_true", help="skip the fit, plots and held-out runs")
     p.add_argument("--lm-eval-tasks", help="lm-eval tasks (comma-separated) to run on each finished point once; "
                    "their metrics become summary.csv columns lm_eval/<task>/<metric> (needs ar_lm[eval])")
     p.add_argument("--lm-eval-include-path", help="folder of local lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=int, help="at most N examples per task")
+
+
+def _plan(p) -> None:
+    _experiment(p, run_dir=False)
+    p.add_argument("--data", help="dataset directory (its vocabulary, when model.vocab_size is 0)")
+    p.add_argument("--target", required=True, metavar="TOPOLOGY", help="a TPU topology (v5e:2x2, v5p:4x4x8, "
+                   "v4:2x2x2, v6e:8x8) or accelerator type (v5p-128, v5litepod-16, v4-32, v6e-64)")
+    p.add_argument("--slices", type=int, default=1, help="slices over DCN (multi-slice; default 1)")
+    p.add_argument("--decode", action="store_true", help="plan one decode step (batch data.batch_size, a cache of "
+                   "model.max_seq_len) instead of the train step")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--hlo-dir", help="write the compiled HLO text here")
 
 
 def _fit(p) -> None:
@@ -255,6 +270,8 @@ COMMANDS = {
              "ar_lm.training.evaluate", "eval_command"),
     "sweep": ("run an experiment's sweep (resumable), then fit and plot", _sweep, "ar_lm.scaling.runner",
               "sweep_command"),
+    "plan": ("compile a run for a TPU topology ahead of time: memory, FLOPs, collectives, step time (needs "
+             "ar_lm[tpu])", _plan, "ar_lm.plan.command", "plan_command"),
     "fit": ("fit scaling laws to a sweep directory or a CSV of points", _fit, "ar_lm.scaling.report", "fit_command"),
     "fit-lr": ("fit per-size optimal learning rates of an lr sweep and the rule lr*(N)", _fit_lr,
                "ar_lm.scaling.hparams", "fit_lr_command"),

@@ -6,6 +6,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# libtpu (the test extra brings it for `ar-lm plan`) must not claim the backend, nor its lockfile, on a CPU machine
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 # the CLI's persistent compilation cache goes to a per-process temporary directory, not ~/.cache
 _jax_cache = tempfile.mkdtemp(prefix="ar_lm_test_jax_cache_")

@@ -37,6 +37,8 @@ import numpy as np
 from ar_lm.config import ModelConfig
 from ar_lm.decoding.sampling import GREEDY, Sampling, sample_logits, token_logprob
 from ar_lm.errors import require
+from ar_lm.errors import require
+from ar_lm.model.backend import platform
 from ar_lm.model.transformer import CACHE_AXES, apply, init_cache, relayout_layers
 
 Array = jax.Array
@@ -122,7 +124,7 @@ def for_decoding(cfg: ModelConfig, params):
     each stacked weight slice before multiplying by it (docs/performance.md). Same weights, unstacked outside
     the jit; every entry point does this per call (a copy of the weights), so a serving
     loop converts once and passes the result."""
-    if not cfg.scan_layers or jax.default_backend() != "cpu":
+    if not cfg.scan_layers or platform() != "cpu":
         return cfg, params
     return dataclasses.replace(cfg, scan_layers=False), _relayout_jit(params, n_layers=cfg.n_layers, scanned=False)
 
@@ -254,3 +256,26 @@ def decode_chunk_jit(cfg, params, state, sampling, *, n_steps, eos_id, pad_id):
     step = functools.partial(_step, cfg, params, sampling, eos_id, pad_id)
     state, (tokens_NxB, logprobs_NxB) = jax.lax.scan(lambda st, _: step(st), state, length=n_steps)
     return state, tokens_NxB.T, logprobs_NxB.T
+
+
+def lower_decode_step(cfg, mesh, rules):
+    """Lower one decode step (`decode_chunk_jit`, one token for `cfg.data.batch_size` rows over a cache of
+    `model.max_seq_len` slots) on `mesh` from abstract arrays only, for ahead-of-time compilation: returns
+    (lowered, abstract params, abstract arguments (params, decode state))."""
+    from ar_lm.parallel.mesh import logical_sharding, mesh_context, replicated
+    from ar_lm.training.state import abstract_params
+
+    model, b, s = cfg.model, cfg.data.batch_size, cfg.model.max_seq_len
+    params = abstract_params(cfg, mesh, rules)
+    with mesh_context(mesh, rules):
+        shapes = jax.eval_shape(lambda: DecodeState(init_cache(model, b, s), jnp.zeros((b, s), jnp.int32),
+                                                    jnp.int32(0), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),
+                                                    jnp.zeros(b, bool), jax.random.key(0)))
+        cache_sh = logical_sharding(mesh, rules, CACHE_AXES)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), shapes)
+        state = state.replace(cache=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_sh),
+                                                 shapes.cache))
+        sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                               sharding=replicated(mesh)), GREEDY)
+        lowered = decode_chunk_jit.lower(model, params, state, sampling, n_steps=1, eos_id=None, pad_id=0)
+    return lowered, params, (params, state)

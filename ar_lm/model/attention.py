@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
 from ar_lm.model import cpu_kernels
-from ar_lm.model.backend import resolve_attention, resolve_compute_dtype
+from ar_lm.model.backend import platform, resolve_attention, resolve_compute_dtype
 from ar_lm.model.layers import RMSNorm, hidden_initializers, param, rope
 from ar_lm.model.mup import query_multiplier
 from ar_lm.model.pallas_attention import pallas_causal_attention
@@ -145,7 +145,7 @@ def _cache_kernel_applies(impl: str, dtype, cache, q_BxLxHxDh) -> bool:
     mesh of one: the custom call has no partitioning rule, so a sharded cache would be gathered to every device)."""
     mesh = jax.sharding.get_abstract_mesh()
     return (impl == "xla" and jnp.dtype(dtype) == jnp.float32 and cache["k"].dtype == jnp.float32
-            and q_BxLxHxDh.shape[1] <= KERNEL_QUERIES and jax.default_backend() == "cpu"
+            and q_BxLxHxDh.shape[1] <= KERNEL_QUERIES and platform() == "cpu"
             and (mesh.empty or mesh.size == 1) and cpu_kernels.available())
 
 

@@ -1,21 +1,43 @@
 """Per-backend defaults of the model's `auto` settings, and XLA:CPU compiler options.
 
-Each `resolve_*` turns an `auto` config value into what runs on the current backend; the measurements
-behind the choices are in docs/performance.md.
+Each `resolve_*` turns an `auto` config value into what runs on the target backend: the one JAX runs on,
+or the one a program is compiled for ahead of time (`target_platform("tpu")`, as `ar-lm plan` does on a
+CPU machine). The measurements behind the choices are in docs/performance.md.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
 
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("ar_lm_target_platform", default=None)
+
+
+def platform() -> str:
+    """The platform programs are traced for: `target_platform`'s, else JAX's default backend."""
+    return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_platform(name: str) -> Iterator[None]:
+    """Trace for `name` ("tpu", "gpu", "cpu") whatever backend runs here (ahead-of-time compilation)."""
+    token = _TARGET.set(name)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
 
 def resolve_compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     """`auto`: float32 on CPU (bf16 is slower there), bfloat16 on GPU/TPU."""
     if cfg.compute_dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if platform() == "cpu" else jnp.bfloat16
     return jnp.dtype(cfg.compute_dtype)
 
 
@@ -24,7 +46,7 @@ def resolve_attention(cfg: ModelConfig) -> str:
     scoring; KV-cache decoding keeps the masked softmax), `jax.nn.dot_product_attention` on GPU (cuDNN flash
     attention), the hand-written masked softmax on CPU."""
     if cfg.attention == "auto":
-        return {"tpu": "pallas", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
+        return {"tpu": "pallas", "gpu": "dot_product"}.get(platform(), "xla")
     return cfg.attention
 
 
@@ -37,7 +59,7 @@ def resolve_remat(cfg: ModelConfig) -> str:
     time.
     """
     if cfg.remat == "auto":
-        return "dots" if cfg.scan_layers and jax.default_backend() == "cpu" else "none"
+        return "dots" if cfg.scan_layers and platform() == "cpu" else "none"
     return cfg.remat
 
 
@@ -47,4 +69,4 @@ def cpu_compiler_options() -> dict:
     Level 1 compiles faster than the default at the same step time (the matmuls are library
     calls); level 0 compiles faster still but runs slower.
     """
-    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
+    return {"xla_backend_optimization_level": 1} if platform() == "cpu" else {}

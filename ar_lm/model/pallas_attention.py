@@ -13,12 +13,17 @@ Shapes are in names: B batch, L length, H query heads, K kv heads, Dh head dim.
 
 from __future__ import annotations
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 from ar_lm.errors import require
+from ar_lm.model.backend import platform
 
 Array = jax.Array
 
@@ -69,7 +74,37 @@ def pallas_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, interpret: bool 
             "(it needs [B, L, H, Dh] queries and [B, L, K, Dh] keys and values with K dividing H): "
             "use model.attention=xla")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = platform() != "tpu"
+    batch_axes, head_axes = _sharded_axes(b, kh)
+    if not batch_axes and not head_axes:  # one device, or nothing to split: the kernel over the whole arrays
+        return _splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, interpret)
+    # a Pallas kernel has no partitioning rule: each device runs it on its own rows and heads (shard_map)
+    qkv_spec = P(batch_axes or None, None, head_axes or None, None)
+    seg_spec = P(batch_axes or None, None)
+    local = lambda q, k, v, seg: _splash(q, k, v, seg, interpret)  # noqa: E731
+    return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, None if segment_ids_BxL is None else seg_spec),
+                         out_specs=qkv_spec, check_vma=False)(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
+
+
+def _sharded_axes(batch: int, kv_heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The mesh axes (of more than one device) that the logical rules in force give the batch and the heads,
+    each kept only where it divides the batch or the kv heads (so every device holds whole kv groups)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return (), ()
+    spec = nn.logical_to_mesh_axes(("batch", "heads"))
+
+    def dividing(entry, n):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        return axes if axes and n % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+    return dividing(spec[0], batch), dividing(spec[1], kv_heads)
+
+
+def _splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, interpret: bool) -> Array:
+    """The splash kernel over every row of (local) arrays, vmapped over the batch."""
+    b, l, h, dh = q_BxLxHxDh.shape
     lp = padded_length(l)
     kernel = splash_kernel(h, lp, interpret)
 

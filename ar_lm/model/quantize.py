@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from ar_lm.config import ModelConfig
 from ar_lm.errors import require
 from ar_lm.model import cpu_kernels
+from ar_lm.model.backend import platform
 
 Array = jax.Array
 MODES = ("int8",)
@@ -69,7 +70,7 @@ def matmul(x_xK: Array, w, dtype, transposed: bool = False) -> Array:
     (`ar_lm.model.cpu_kernels`), which reads the int8 weights; otherwise they are dequantised first."""
     rows = x_xK.size // x_xK.shape[-1]
     if (isinstance(w, QuantizedArray) and rows <= KERNEL_ROWS and jnp.dtype(dtype) == jnp.float32
-            and jax.default_backend() == "cpu" and cpu_kernels.available()):
+            and platform() == "cpu" and cpu_kernels.available()):
         y = cpu_kernels.int8_matmul(x_xK.reshape(rows, -1).astype(jnp.float32), w.q, w.scale.reshape(-1), transposed)
         return y.reshape(*x_xK.shape[:-1], y.shape[-1])
     w = dequantize(w).astype(dtype)

@@ -286,7 +286,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Optional[str] = None,
               opts: Optional[ExecOptions] = None, dry_run: bool = False, only: Optional[str] = None,
-              fit: bool = True, lm_eval: Optional[downstream.LmEvalSpec] = None) -> int:
+              fit: bool = True, lm_eval: Optional[downstream.LmEvalSpec] = None, plan_target=None) -> int:
     opts = opts or ExecOptions()
     check_options(opts)
     sweep = load_sweep(experiment)
@@ -295,6 +295,8 @@ def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Option
     require(points, f"--only {only!r} matches no point of the sweep ({', '.join(p.name for p in sweep.points[:5])}, ...)")
     if dry_run:
         return _dry_run(sweep, points, out, data_dir, opts)
+    if plan_target is not None:
+        return _plan(points, plan_target, out, data_dir)
     preflight(opts)
     pool = device_pool(opts)
     if opts.executor == "local":  # a point that needs more devices than there are: an error before anything runs
@@ -339,6 +341,21 @@ def _dry_run(sweep: Sweep, points, out: Path, data_dir: Optional[str], opts: Exe
     return 0
 
 
+def _plan(points, target, out: Path, data_dir: Optional[str]) -> int:
+    """`--plan TOPOLOGY`: every point compiled for the TPU slice (`ar_lm.plan.sweep`); the vocabulary of
+    points that take the dataset's from --data, else from SWEEP_DIR/data once prepared."""
+    from ar_lm.data.dataset import TokenDataset
+    from ar_lm.plan.sweep import plan_points
+
+    vocab = None
+    if any(p.config.model.vocab_size == 0 for p in points):
+        path = Path(data_dir) if data_dir else out / "data"
+        require((path / "metadata.json").is_file(), f"the points take the dataset's vocabulary and {path} is no "
+                "dataset yet: pass --data DATA_DIR (or set model.vocab_size in the sweep)")
+        vocab = TokenDataset(path, verify=False).vocab_size
+    return plan_points([(p.name, p.config) for p in points], target, vocab, out)
+
+
 def sweep_command(args) -> int:
     """`ar-lm sweep EXPERIMENT.py [...]`: exit status 1 when any point failed."""
     if args.status:
@@ -353,5 +370,10 @@ def sweep_command(args) -> int:
                        slurm_gpu=not args.slurm_cpu, tpu=tpu)
     lm_eval = (downstream.LmEvalSpec.create(args.lm_eval_tasks, args.lm_eval_include_path, args.lm_eval_limit)
                if args.lm_eval_tasks else None)
+    plan_target = None
+    if args.plan:
+        from ar_lm.plan.targets import parse_target
+
+        plan_target = parse_target(args.plan, args.plan_slices)
     return run_sweep(args.experiment, args.sweep_dir, args.data, opts, args.dry_run, args.only, not args.no_fit,
-                     lm_eval)
+                     lm_eval, plan_target)

@@ -156,14 +156,21 @@ def make_train_step(cfg: ExperimentConfig, tx, schedule, shardings, batch_shardi
     )
 
 
-def compile_train_step(cfg: ExperimentConfig, eos_id: Optional[int] = None):
-    """Compile the train step for `cfg` without creating any arrays (for memory and cost
-    analysis): returns (compiled step, abstract state with its shardings)."""
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+def lower_train_step(cfg: ExperimentConfig, mesh, rules, eos_id: Optional[int] = None):
+    """Lower the train step for `cfg` on `mesh` from abstract arrays only (for ahead-of-time compilation,
+    memory and cost analysis): returns (lowered, abstract params, abstract arguments (state, batch))."""
     tx, schedule = run_optimizer(cfg)
     shardings = state_shardings(cfg, tx, mesh, rules)
     state = abstract_state(cfg, tx, shardings)
     batch_sh = logical_sharding(mesh, rules, ("batch", "length"))
     batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), np.int32, sharding=batch_sh)
     with mesh_context(mesh, rules):
-        return make_train_step(cfg, tx, schedule, shardings, batch_sh, eos_id).lower(state, batch).compile(), state
+        lowered = make_train_step(cfg, tx, schedule, shardings, batch_sh, eos_id).lower(state, batch)
+    return lowered, state["params"], (state, batch)
+
+
+def compile_train_step(cfg: ExperimentConfig, eos_id: Optional[int] = None):
+    """Compile the train step for `cfg` on this machine's devices without creating any arrays: returns
+    (compiled step, abstract state with its shardings)."""
+    lowered, _, (state, _) = lower_train_step(cfg, make_mesh(cfg.mesh), logical_rules(cfg.mesh), eos_id)
+    return lowered.compile(), state

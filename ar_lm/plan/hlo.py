@@ -1,0 +1,410 @@
+"""Reading a compiled (SPMD-partitioned, per-device) HLO module: what one device executes per step.
+
+XLA's `cost_analysis()` counts the body of a `while` loop once, so a model whose layers run in a
+`lax.scan` (`model.scan_layers`) would look 1/n_layers as costly. Here every instruction is weighted by
+how often it runs: its computation's multiplicity, the product of the trip counts of the loops around it
+(a scan's loop condition is `counter < N`, read from the condition computation).
+
+- `matmul_flops`: 2 x multiply-adds of every `dot` and `convolution` (TPU lowers batched matmuls to
+  convolutions; the count of valid window positions follows XLA's `HloCostAnalysis`); custom kernels
+  (Pallas/Mosaic) are opaque and not counted.
+- `hbm_bytes`: bytes read and written by every top-level instruction (a fusion counts its operands and
+  result, a slice of a stacked buffer only the slice): an estimate of HBM traffic.
+- `collectives`: every all-gather, all-reduce, reduce-scatter, all-to-all and collective-permute with its
+  result shape, bytes, group size, how often it runs, and whether its groups cross slices (DCN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from functools import cached_property
+from typing import Optional, Sequence
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# instructions that move no data of their own (control flow, aliases, bookkeeping)
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+         "after-all", "partition-id", "replica-id", "opt-barrier", "custom-call", "iota"}
+_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%(\S+) \(.*\{$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+    dtype: str
+    dims: tuple[int, ...]
+
+    @property
+    def bytes(self) -> float:
+        return DTYPE_BYTES.get(self.dtype, 1 if self.dtype.startswith("f8") else 4) * math.prod(self.dims)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.dims))}]"
+
+
+def parse_shape(text: str) -> list[Array]:
+    """The arrays of an HLO shape (one, or the elements of a tuple), layouts dropped."""
+    return [Array(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
+            for m in _ARRAY.finditer(re.sub(r"\{[^{}]*\}", "", text)) if m.group(1) in DTYPE_BYTES or
+            m.group(1).startswith("f8")]
+
+
+def _matching(text: str, start: int) -> int:
+    """Index just past the bracket closing the one at `start`."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: list[Array]
+    opcode: str
+    operands: list[str]
+    attrs: str
+    root: bool = False
+    args: str = ""  # the text between the opcode's parentheses (a constant's value, a parameter's index)
+
+    @property
+    def result_bytes(self) -> float:
+        return sum(a.bytes for a in self.shape)
+
+    def attr(self, key: str) -> Optional[str]:
+        m = re.search(rf"\b{key}=(%?[\w.\-]+)", self.attrs)
+        return m.group(1).lstrip("%") if m else None
+
+
+def parse_instruction(line: str) -> Optional[Instruction]:
+    m = re.match(r"\s*(ROOT )?%(\S+) = ", line)
+    if not m:
+        return None
+    i = m.end()
+    if line[i] == "(":
+        end = _matching(line, i)
+        shape_text = line[i:end]
+    else:
+        end = line.index(" ", i)
+        shape_text = line[i:end]
+    op = re.match(r"\s*([a-z][\w\-]*)\(", line[end:])
+    if not op:
+        return None
+    open_at = end + op.end() - 1
+    close = _matching(line, open_at)
+    operands = re.findall(r"%([\w.\-]+)", line[open_at:close])
+    return Instruction(m.group(2), parse_shape(shape_text), op.group(1), operands, line[close:], bool(m.group(1)),
+                       line[open_at + 1:close - 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str  # all-gather | all-reduce | reduce-scatter | all-to-all | collective-permute
+    shapes: tuple[Array, ...]  # its result (per device)
+    bytes: float  # its buffer on one device per execution: the result, or a reduce-scatter's whole input
+    group_size: int
+    count: int  # executions per step
+    dcn: bool  # a group spans slices
+    computation: str
+    op_name: str  # the JAX operation it came from (metadata)
+
+    @property
+    def traffic_bytes(self) -> float:
+        """Bytes each device sends per execution under ring algorithms (n = group size): (n-1)/n of the
+        buffer (all-gather, reduce-scatter, all-to-all), 2(n-1)/n (all-reduce), all of it (a permute)."""
+        n = self.group_size
+        if n <= 1:
+            return 0.0
+        factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(self.kind, (n - 1) / n)
+        return factor * self.bytes
+
+
+def replica_groups(attrs: str, n_partitions: int) -> list[list[int]]:
+    """The device groups of a collective, in any of HLO's three spellings: explicit `{{0,1},{2,3}}`,
+    iota `[2,2]<=[4]` (optionally transposed `[2,2]<=[2,2]T(1,0)`), and mesh
+    `mesh['axis_0'=2,'axis_1'=2] {'axis_1'}`; a permute's `source_target_pairs` as pairs."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
+        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        rest = [i for i in range(len(sizes)) if i not in grouped]
+        size = math.prod(sizes[i] for i in grouped)
+        return ids.transpose(rest + grouped).reshape(-1, size).tolist()
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        shape = [int(x) for x in m.group(1).split(",")]
+        src = [int(x) for x in m.group(2).split(",")]
+        ids = np.arange(math.prod(src)).reshape(src)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    m = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,{}\s]*\})\}", attrs)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+        if groups and groups != [[]]:
+            return groups
+    return [list(range(n_partitions))]  # {} or absent: all devices
+
+
+class HloModule:
+    """A compiled HLO module's text, parsed into computations with per-step multiplicities."""
+
+    def __init__(self, text: str, slice_of_partition: Optional[Sequence[int]] = None):
+        self.text = text
+        self.computations: dict[str, list[Instruction]] = {}
+        self.entry = ""
+        current: Optional[list[Instruction]] = None
+        lines = text.splitlines()
+        for k, line in enumerate(lines):
+            header = _HEADER.match(line) if current is None else None
+            if header:
+                current = self.computations.setdefault(header.group(2), [])
+                if header.group(1):
+                    self.entry = header.group(2)
+            elif line == "}" and (k + 1 == len(lines) or not lines[k + 1].strip()):
+                current = None  # a computation ends with "}" and a blank line (a kernel's text may hold "}")
+            elif current is not None and line.startswith(("  %", "  ROOT %")):
+                inst = parse_instruction(line)
+                if inst is not None:
+                    current.append(inst)
+        m = re.search(r"num_partitions=(\d+)", text)
+        self.n_partitions = int(m.group(1)) if m else 1
+        self.slice_of_partition = list(slice_of_partition) if slice_of_partition is not None else None
+
+    def shapes(self, computation: str) -> dict[str, list[Array]]:
+        return {i.name: i.shape for i in self.computations.get(computation, [])}
+
+    def trip_count(self, condition: str) -> int:
+        """N of a loop whose condition is `counter < N` (a scan); 1 when it cannot be read."""
+        insts = self.computations.get(condition, [])
+        root = next((i for i in insts if i.root), None)
+        if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
+            return 1
+        consts = {i.name: i for i in insts if i.opcode == "constant"}
+        for name in root.operands[1:]:
+            if name in consts and re.fullmatch(r"-?\d+", consts[name].args):
+                return max(1, int(consts[name].args))
+        return 1
+
+    @cached_property
+    def multiplicity(self) -> dict[str, int]:
+        """How many times each computation runs per execution of the entry: loop bodies x their trip count;
+        fusions, calls, branches and async bodies x their caller's."""
+        mult: dict[str, int] = {self.entry: 1}
+        fused: set[str] = set()
+        order = [self.entry]
+        while order:
+            comp = order.pop()
+            for inst in self.computations.get(comp, []):
+                callees = []
+                if inst.opcode == "while":
+                    body, cond = inst.attr("body"), inst.attr("condition")
+                    trips = self.trip_count(cond) if cond else 1
+                    callees = [(body, trips), (cond, trips + 1)]
+                else:  # fusions, calls, async and custom calls, branches: once per call; reducers: fused
+                    for key in ("calls", "to_apply"):
+                        if inst.attr(key):
+                            callees.append((inst.attr(key), 1))
+                            if inst.opcode == "fusion" or key == "to_apply":
+                                fused.add(inst.attr(key))
+                    for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", inst.attrs):
+                        callees += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+                for callee, times in callees:
+                    if callee and callee in self.computations:
+                        mult[callee] = mult.get(callee, 0) + mult[comp] * times
+                        order.append(callee)
+        self._fused = fused
+        return mult
+
+    @cached_property
+    def fused(self) -> set[str]:
+        self.multiplicity  # noqa: B018 - fills _fused
+        return self._fused
+
+    # -- FLOPs ------------------------------------------------------------------------------------
+
+    def matmul_flops(self) -> float:
+        total = 0.0
+        for comp, insts in self.computations.items():
+            times = self.multiplicity.get(comp, 0)
+            if not times:
+                continue
+            shapes = None
+            for inst in insts:
+                if inst.opcode in ("dot", "convolution"):
+                    shapes = shapes or self.shapes(comp)
+                    flops = _dot_flops(inst, shapes) if inst.opcode == "dot" else _conv_flops(inst, shapes)
+                    total += times * flops
+        return total
+
+    # -- HBM traffic ------------------------------------------------------------------------------
+
+    def hbm_bytes(self) -> float:
+        total = 0.0
+        for comp, insts in self.computations.items():
+            times = self.multiplicity.get(comp, 0)
+            if not times or comp in self.fused:
+                continue
+            shapes = self.shapes(comp)
+            for inst in insts:
+                if inst.opcode in _FREE or inst.opcode.endswith("-start"):
+                    continue
+                total += times * self._inst_bytes(inst, shapes)
+        return total
+
+    def _inst_bytes(self, inst: Instruction, shapes) -> float:
+        operand = lambda k: sum(a.bytes for a in shapes.get(inst.operands[k], []))  # noqa: E731
+        if inst.opcode == "dynamic-slice":
+            return 2 * inst.result_bytes
+        if inst.opcode == "dynamic-update-slice":
+            return 2 * operand(1)
+        if inst.opcode == "fusion":
+            return self._fusion_bytes(inst, shapes)
+        return inst.result_bytes + sum(operand(k) for k in range(len(inst.operands)))
+
+    def _fusion_bytes(self, inst: Instruction, shapes) -> float:
+        """A fusion's operands and result; an operand only sliced inside counts its slices, and a result
+        written in place by a root dynamic-update-slice counts the update."""
+        body = self.computations.get(inst.attr("calls") or "", [])
+        params = {i.name: int(i.args) for i in body if i.opcode == "parameter" and i.args.isdigit()}
+        by_name = {i.name: i for i in body}
+        users: dict[str, list[Instruction]] = {}
+        for i in body:
+            for o in i.operands:
+                users.setdefault(o, []).append(i)
+
+        def through_bitcasts(name: str) -> list[Instruction]:  # the users of `name`, looking through bitcasts
+            found = []
+            for u in users.get(name, []):
+                found += through_bitcasts(u.name) if u.opcode in ("bitcast", "reshape") else [u]
+            return found
+
+        def source(i: Optional[Instruction]) -> Optional[Instruction]:  # through bitcasts to the real producer
+            while i is not None and i.opcode in ("bitcast", "reshape") and i.operands:
+                i = by_name.get(i.operands[0])
+            return i
+
+        root = next((i for i in body if i.root), None)
+        outputs = [by_name.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
+        written = [source(o) for o in outputs if o is not None]
+        updates = [w for w in written if w is not None and w.opcode == "dynamic-update-slice"]
+        total = 0.0
+        for name, k in params.items():
+            if k >= len(inst.operands):
+                continue
+            uses = through_bitcasts(name)
+            if uses and all(u.opcode == "dynamic-slice" for u in uses):
+                total += sum(u.result_bytes for u in uses)
+            elif uses and all(u in updates and source(by_name.get(u.operands[0])) is by_name[name] for u in uses):
+                continue  # a buffer updated in place
+            else:
+                total += sum(a.bytes for a in shapes.get(inst.operands[k], []))
+        for w in written:  # what the fusion writes: the update of an in-place slice, else the whole output
+            if w in updates and w.operands[1] in by_name:
+                total += sum(a.bytes for a in by_name[w.operands[1]].shape)
+            elif w is not None:
+                total += w.result_bytes
+        return total
+
+    # -- collectives --------------------------------------------------------------------------------
+
+    def collectives(self) -> list[Collective]:
+        found = []
+        for comp, insts in self.computations.items():
+            times = self.multiplicity.get(comp, 0)
+            if not times:
+                continue
+            for inst in insts:
+                base = inst.opcode.removesuffix("-done")
+                if base not in COLLECTIVES:
+                    continue
+                kind = "reduce-scatter" if base == "all-reduce" and comp.startswith("all-reduce-scatter") else base
+                attrs = inst.attrs
+                if inst.opcode.endswith("-done"):  # the groups are on the matching -start
+                    start = next((i for c in self.computations.values() for i in c if i.name == inst.operands[0]),
+                                 None)
+                    attrs = start.attrs if start else attrs
+                groups = replica_groups(attrs, self.n_partitions)
+                shape = inst.shape
+                if kind == "collective-permute" and len(shape) > 1:
+                    shape = shape[1:2]
+                dcn = False
+                if self.slice_of_partition is not None:
+                    dcn = any(len({self.slice_of_partition[p] for p in g if p < len(self.slice_of_partition)}) > 1
+                              for g in groups)
+                op_name = re.search(r'op_name="([^"]*)"', attrs)
+                size = 2 if kind == "collective-permute" else max(len(g) for g in groups)
+                buffer = sum(a.bytes for a in shape) * (size if inst.opcode.startswith("reduce-scatter") else 1)
+                found.append(Collective(kind, tuple(shape), buffer, size, times, dcn, comp,
+                                        op_name.group(1) if op_name else ""))
+        return found
+
+
+def _dims(text: str, key: str) -> list[int]:
+    m = re.search(rf"{key}=\{{([\d,]*)\}}", text)
+    return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def _dot_flops(inst: Instruction, shapes) -> float:
+    lhs = shapes.get(inst.operands[0], [None])[0] if inst.operands else None
+    if lhs is None or not inst.shape:
+        return 0.0
+    contracted = math.prod(lhs.dims[d] for d in _dims(inst.attrs, "lhs_contracting_dims"))
+    return 2.0 * math.prod(inst.shape[0].dims) * contracted
+
+
+def _conv_flops(inst: Instruction, shapes) -> float:
+    """2 x multiply-adds of a convolution, counting only window positions that land on the (dilated,
+    padded) input, as XLA's HloCostAnalysis::GetConvolutionFlops does."""
+    if len(inst.operands) < 2 or not inst.shape:
+        return 0.0
+    lhs, rhs = shapes.get(inst.operands[0], [None])[0], shapes.get(inst.operands[1], [None])[0]
+    out = inst.shape[0]
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+    if lhs is None or rhs is None or not m:
+        return 0.0
+    lhs_l, rhs_l, out_l = m.groups()
+    spatial = [c for c in lhs_l if c.isdigit()]
+    batch = lhs.dims[lhs_l.index("b")]
+    in_feat = lhs.dims[lhs_l.index("f")]
+    out_feat = out.dims[out_l.index("f")]
+    fgc = int(re.search(r"feature_group_count=(\d+)", inst.attrs).group(1)) if "feature_group_count" in inst.attrs else 1
+    bgc = int(re.search(r"batch_group_count=(\d+)", inst.attrs).group(1)) if "batch_group_count" in inst.attrs else 1
+    window = re.search(r"window=\{([^}]*)\}", inst.attrs)
+    fields = dict(re.findall(r"(\w+)=([\w\-x]+)", window.group(1))) if window else {}
+
+    def per_dim(key: str, default: int, n: int) -> list:
+        if key not in fields:
+            return [default] * n
+        return fields[key].split("x")
+
+    n = len(spatial)
+    stride = [int(x) for x in per_dim("stride", 1, n)]
+    lhs_dil = [int(x) for x in per_dim("lhs_dilate", 1, n)]
+    rhs_dil = [int(x) for x in per_dim("rhs_dilate", 1, n)]
+    pads = [int(str(p).split("_")[0]) for p in per_dim("pad", "0_0", n)]
+    valid = 1
+    for i, d in enumerate(spatial):
+        in_lim, out_lim = lhs.dims[lhs_l.index(d)], out.dims[out_l.index(d)]
+        k_lim = rhs.dims[rhs_l.index(d)]
+        kidx = np.arange(k_lim)[:, None]
+        oidx = np.arange(out_lim)[None, :]
+        undilated = oidx * stride[i] - pads[i] + kidx * rhs_dil[i]
+        lhs_idx = undilated // lhs_dil[i]
+        ok = (undilated == lhs_idx * lhs_dil[i]) & (lhs_idx >= 0) & (lhs_idx < in_lim)
+        count = int(ok.sum())
+        valid *= count
+    return 2.0 * (in_feat // fgc) * out_feat * (batch // bgc) * valid

@@ -1,0 +1,243 @@
+"""Plan a run for a TPU topology before renting it: compile its real step ahead of time and read the result.
+
+The train step (or, for decoding, one decode step) is compiled by the TPU compiler (libtpu) for the target's
+compile-only devices with the run's mesh and logical-axis rules, from abstract arrays only: nothing is
+allocated. From the compiled program:
+
+- memory per device: `memory_analysis()` (arguments, temporaries, outputs, code; donated outputs alias their
+  arguments), against the chip's HBM; a program that cannot fit is refused by the compiler itself;
+- FLOPs, HBM traffic and collectives per device and step from the compiled HLO (`ar_lm.plan.hlo`, loop
+  bodies weighted by their trip counts);
+- a roofline step time: the largest of compute at the chip's bf16 peak, HBM traffic at its bandwidth, and
+  collective traffic at the bandwidth of one torus axis (ICI) or the host network (DCN), i.e. the time if
+  everything else overlapped with the slowest; from it tokens/s per chip and the MFU ceiling,
+  model FLOPs (`flops_per_token` x tokens) / (step time x peak).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+from ar_lm.config import ExperimentConfig, MeshConfig
+from ar_lm.errors import require
+from ar_lm.model.backend import resolve_attention, resolve_remat, target_platform
+from ar_lm.model.counts import flops_per_token, param_counts
+from ar_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
+from ar_lm.plan.hlo import Collective, HloModule
+from ar_lm.plan.targets import GIB, Target, compile_devices, slice_index
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `ar-lm plan` reports for one config on one target (bytes and seconds per device and step)."""
+
+    target: str
+    chips: int
+    step: str  # train | decode
+    mesh: dict
+    settings: dict  # the resolved attention, remat, compute dtype
+    memory: dict  # arguments, temporaries, outputs, aliased, code, total, capacity (bytes)
+    fits: bool
+    flops: dict  # compiled (HLO dots), kernels (inside custom kernels), model (flops_per_token x tokens), per device
+    hbm_bytes: float
+    collectives: list  # per kind: count, bytes, traffic_bytes, seconds, network
+    roofline: dict  # compute_s, hbm_s, ici_s, dcn_s, step_s, bound
+    tokens_per_s_per_chip: float
+    mfu_ceiling: float
+    advice: str = ""
+    activation_collectives: tuple = ()  # "kind dtype[dims] xcount" of collectives of activation size
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def with_slices(mesh: MeshConfig, slices: int) -> MeshConfig:
+    """The run's mesh on `slices` slices: its own DCN sizes if it sets any, else data parallel across slices."""
+    if slices > 1 and (mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor) == (1, 1, 1):
+        return dataclasses.replace(mesh, dcn_data=slices)
+    return mesh
+
+
+def activation_collectives(collectives: list[Collective], seq_len: int, param_sizes: set[int]) -> list[Collective]:
+    """The collectives that move activations: a result with a sequence dimension (`seq_len`, or it padded
+    to the 128 lanes a TPU kernel takes) whose element count is no parameter's (whole, one layer's, or a
+    shard of either)."""
+    lengths = {seq_len, -(-seq_len // 128) * 128}
+    return [c for c in collectives
+            if any(lengths & set(a.dims) and math.prod(a.dims) not in param_sizes for a in c.shapes)]
+
+
+def parameter_sizes(abstract_params, n_layers: int, mesh_sizes) -> set[int]:
+    """Element counts of every parameter, a layer's slice of a stacked one, and their shards over any
+    product of mesh axis sizes."""
+    divisors = {math.prod(c) for r in range(len(mesh_sizes) + 1) for c in itertools.combinations(mesh_sizes, r)}
+    sizes = set()
+    for leaf in jax.tree.leaves(abstract_params):
+        n = math.prod(leaf.shape)
+        for whole in (n, n // max(1, n_layers) if leaf.shape and leaf.shape[0] == n_layers else n):
+            sizes |= {whole // d for d in divisors if d and whole % d == 0}
+    return sizes
+
+
+def _advice(cfg: ExperimentConfig, memory: dict, capacity: float) -> str:
+    """What to change so the step fits, from where its bytes go."""
+    gib = lambda b: f"{b / GIB:.1f} GiB"  # noqa: E731
+    m = cfg.mesh
+    parts = []
+    if memory["arguments"] > 0.5 * capacity:
+        if m.rules == "dp" or m.fsdp == 1:
+            parts.append("shard parameters and optimizer state (--set mesh.rules=fsdp --set mesh.fsdp=-1 "
+                         "--set mesh.data=1)")
+        parts.append("more chips (a larger --target, or --slices)")
+    if memory["temporaries"] > 0.25 * capacity:
+        if resolve_remat(cfg.model) in ("none", "dots"):
+            parts.append("--set model.remat=full")
+        parts.append("a smaller micro-batch (--set optim.grad_accum=K or a smaller data.batch_size)")
+        if m.tensor == 1:
+            parts.append("tensor parallelism (--set mesh.rules=fsdp_tp --set mesh.tensor=N)")
+    need = memory["total"]
+    return (f"does not fit: {gib(need)} per device of {gib(capacity)} (arguments {gib(memory['arguments'])}, "
+            f"temporaries {gib(memory['temporaries'])}): try " + "; or ".join(parts or ["more chips"]))
+
+
+_OOM = re.compile(r"required for (.+?) \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _oom_bytes(message: str) -> Optional[tuple[float, float]]:
+    """(bytes required, bytes available) from the TPU compiler's "Ran out of memory in HBM" error."""
+    m = _OOM.search(message)
+    if not m:
+        return None
+    return float(m.group(2)) * _UNITS[m.group(3)], float(m.group(4)) * _UNITS[m.group(5)]
+
+
+def _lower_train(cfg: ExperimentConfig, mesh, rules):
+    from ar_lm.training.step import lower_train_step
+
+    return lower_train_step(cfg, mesh, rules, eos_id=0 if cfg.data.document_mask else None)
+
+
+def _lower_decode(cfg: ExperimentConfig, mesh, rules):
+    from ar_lm.decoding.decoder import lower_decode_step
+
+    return lower_decode_step(cfg, mesh, rules)
+
+
+def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: Optional[Path] = None) -> Plan:
+    """Compile `cfg`'s train step (or decode step) for `target` and report memory, FLOPs, collectives and a
+    roofline. Raises `UserError` for a config or mesh the target cannot take."""
+    require(cfg.model.vocab_size > 0, "model.vocab_size=0 takes the dataset's vocabulary: pass --data DATA_DIR "
+                                      "or --set model.vocab_size=N")
+    devices = compile_devices(target)
+    mesh_cfg = with_slices(cfg.mesh, target.slices)
+    cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
+    chip = target.chip
+    with target_platform("tpu"):
+        mesh = make_mesh(mesh_cfg, devices)
+        rules = logical_rules(mesh_cfg)
+        dp = data_parallel_size(mesh, rules)
+        micro = cfg.data.batch_size // cfg.optim.grad_accum
+        require(micro % dp == 0, f"the (micro-)batch {micro} is not divisible by the data-parallel size {dp} on "
+                f"{target}: use a multiple of {dp} for data.batch_size (/ optim.grad_accum)")
+        settings = {"attention": resolve_attention(cfg.model), "remat": resolve_remat(cfg.model),
+                    "compute_dtype": str(np.dtype(_compute_dtype(cfg)))}
+        lowered, abstract_params, abstract_args = (_lower_decode if decode else _lower_train)(cfg, mesh, rules)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit in HBM
+            oom = _oom_bytes(str(e))
+            if oom is None and "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return _not_fitting(cfg, target, decode, mesh, settings, oom, per_device_bytes(abstract_args))
+    if hlo_dir is not None:
+        hlo_dir = Path(hlo_dir)
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+        (hlo_dir / f"{'decode' if decode else 'train'}_step.hlo.txt").write_text(compiled.as_text())
+    mem = compiled.memory_analysis()
+    memory = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+              "outputs": mem.output_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+              "code": mem.generated_code_size_in_bytes}
+    memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
+    memory["capacity"] = chip.hbm_bytes
+    fits = memory["total"] <= chip.hbm_bytes
+
+    module = HloModule(compiled.as_text(), [slice_index(d) for d in mesh.devices.flat])
+    collectives = module.collectives()
+    tokens = cfg.data.batch_size * (1 if decode else cfg.data.seq_len)
+    n_dev = mesh.devices.size
+    per_token = 2 * param_counts(cfg.model)["total"] if decode else flops_per_token(cfg.model, cfg.data.seq_len)
+    flops = {"compiled": module.matmul_flops(), "model": per_token * tokens / n_dev,
+             "kernels": _kernel_flops(cfg, settings, decode) * tokens / n_dev}
+    hbm = module.hbm_bytes()
+    ici_bw = chip.ici_bw / chip.dims  # the links of one torus axis, both directions
+    by_kind: dict[tuple[str, bool], dict] = {}
+    for c in collectives:
+        row = by_kind.setdefault((c.kind, c.dcn), {"kind": c.kind, "network": "dcn" if c.dcn else "ici", "count": 0,
+                                                  "bytes": 0.0, "traffic_bytes": 0.0})
+        row["count"] += c.count
+        row["bytes"] += c.count * c.bytes
+        row["traffic_bytes"] += c.count * c.traffic_bytes
+    rows = sorted(by_kind.values(), key=lambda r: -r["traffic_bytes"])
+    for r in rows:
+        r["seconds"] = r["traffic_bytes"] / (chip.dcn_bw if r["network"] == "dcn" else ici_bw)
+    roof = {"compute_s": (flops["compiled"] + flops["kernels"]) / chip.bf16_flops, "hbm_s": hbm / chip.hbm_bw,
+            "ici_s": sum(r["seconds"] for r in rows if r["network"] == "ici"),
+            "dcn_s": sum(r["seconds"] for r in rows if r["network"] == "dcn")}
+    roof["bound"] = max(roof, key=roof.get).removesuffix("_s")
+    roof["step_s"] = max(v for k, v in roof.items() if k.endswith("_s"))
+    step_s = max(roof["step_s"], 1e-12)
+    sizes = parameter_sizes(abstract_params, cfg.model.n_layers, [s for s in mesh.shape.values() if s > 1])
+    acts = activation_collectives(collectives, 1 if decode else cfg.data.seq_len, sizes) if not decode else []
+    return Plan(
+        target=str(target), chips=target.chips, step="decode" if decode else "train",
+        mesh={**dict(mesh.shape), "rules": mesh_cfg.rules}, settings=settings, memory=memory, fits=fits,
+        flops=flops, hbm_bytes=hbm, collectives=rows, roofline=roof,
+        tokens_per_s_per_chip=tokens / step_s / target.chips,
+        mfu_ceiling=flops["model"] / (step_s * chip.bf16_flops),
+        advice="" if fits else _advice(cfg, memory, chip.hbm_bytes),
+        activation_collectives=tuple(f"{c.kind} {' '.join(map(str, c.shapes))} x{c.count}" for c in acts),
+    )
+
+
+def _kernel_flops(cfg: ExperimentConfig, settings: dict, decode: bool) -> float:
+    """FLOPs per token inside custom kernels, which the HLO does not show: splash attention's, counted as
+    `flops_per_token` counts attention (forward and backward over the causal triangle)."""
+    if decode or settings["attention"] != "pallas":
+        return 0.0
+    m = cfg.model
+    return 6.0 * m.n_layers * m.n_heads * m.head_dim * (cfg.data.seq_len + 1)
+
+
+def _compute_dtype(cfg: ExperimentConfig):
+    from ar_lm.model.backend import resolve_compute_dtype
+
+    return resolve_compute_dtype(cfg.model)
+
+
+def _not_fitting(cfg, target: Target, decode: bool, mesh, settings: dict, oom, arguments: float) -> Plan:
+    """The plan of a program the TPU compiler refused for lack of HBM: its message's bytes used and available,
+    the arguments' bytes from their shardings, the rest temporaries."""
+    nan = float("nan")
+    used, limit = oom if oom else (nan, target.chip.hbm_bytes)
+    memory = {"arguments": arguments, "temporaries": used - arguments, "outputs": nan, "aliased": nan, "code": nan,
+              "total": used, "capacity": limit}
+    return Plan(target=str(target), chips=target.chips, step="decode" if decode else "train",
+                mesh={**dict(mesh.shape), "rules": cfg.mesh.rules}, settings=settings, memory=memory, fits=False,
+                flops={"compiled": nan, "model": nan, "kernels": nan}, hbm_bytes=nan, collectives=[],
+                roofline={"compute_s": nan, "hbm_s": nan, "ici_s": nan, "dcn_s": nan, "step_s": nan, "bound": ""},
+                tokens_per_s_per_chip=nan, mfu_ceiling=nan,
+                advice=_advice(cfg, memory, limit) + " (the TPU compiler ran out of HBM)")
+
+
+def per_device_bytes(tree) -> float:
+    """Bytes of one device's shard of every abstract array (with a sharding) in `tree`."""
+    return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
