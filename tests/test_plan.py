@@ -139,3 +139,12 @@ def test_sweep_plan_tables_every_point_and_writes_plan_json(tmp_path):
     assert names and all(n.startswith("n4_") for n in names) and all(row["fits"] for row in plan_json["points"])
     assert plan_json["total_chip_hours"] > 0 and "chip-hours" in r.stdout
     assert not (tmp_path / "sw" / "runs").exists()  # nothing ran
+
+
+def test_multi_slice_plans_count_collectives_across_slices_as_dcn():
+    """Two v5p:2x2x1 slices, data parallel across them: the gradient all-reduce crosses DCN (the per-slice
+    program hands it to the Megascale runtime), and the roofline charges it at DCN bandwidth."""
+    p = plan(_small(mesh=MeshConfig(data=1, fsdp=4, rules="fsdp")), parse_target("v5p:2x2x1", slices=2))
+    assert p.chips == 8 and p.mesh["data"] == 2
+    dcn = [c for c in p.collectives if c["network"] == "dcn"]
+    assert dcn and all(c["traffic_bytes"] > 0 for c in dcn) and p.roofline["dcn_s"] > 0

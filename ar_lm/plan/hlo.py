@@ -11,7 +11,8 @@ how often it runs: its computation's multiplicity, the product of the trip count
 - `hbm_bytes`: bytes read and written by every top-level instruction (a fusion counts its operands and
   result, a slice of a stacked buffer only the slice): an estimate of HBM traffic.
 - `collectives`: every all-gather, all-reduce, reduce-scatter, all-to-all and collective-permute with its
-  result shape, bytes, group size, how often it runs, and whether its groups cross slices (DCN).
+  result shape, bytes, group size and how often it runs; in a multi-slice program (compiled per slice) the
+  collectives across slices are host transfers to the Megascale runtime, counted as DCN collectives.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import dataclasses
 import math
 import re
 from functools import cached_property
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -162,7 +163,7 @@ def replica_groups(attrs: str, n_partitions: int) -> list[list[int]]:
 class HloModule:
     """A compiled HLO module's text, parsed into computations with per-step multiplicities."""
 
-    def __init__(self, text: str, slice_of_partition: Optional[Sequence[int]] = None):
+    def __init__(self, text: str, slices: int = 1):
         self.text = text
         self.computations: dict[str, list[Instruction]] = {}
         self.entry = ""
@@ -182,7 +183,7 @@ class HloModule:
                     current.append(inst)
         m = re.search(r"num_partitions=(\d+)", text)
         self.n_partitions = int(m.group(1)) if m else 1
-        self.slice_of_partition = list(slice_of_partition) if slice_of_partition is not None else None
+        self.slices = slices
 
     def shapes(self, computation: str) -> dict[str, list[Array]]:
         return {i.name: i.shape for i in self.computations.get(computation, [])}
@@ -328,6 +329,11 @@ class HloModule:
             if not times:
                 continue
             for inst in insts:
+                dcn = _dcn_collective(inst)
+                if dcn and self.slices > 1:  # across slices: a host transfer to the Megascale runtime
+                    found.append(Collective(dcn, tuple(inst.shape[:1]), inst.shape[0].bytes if inst.shape else 0.0,
+                                            self.slices, times, True, comp, dcn))
+                    continue
                 base = inst.opcode.removesuffix("-done")
                 if base not in COLLECTIVES:
                     continue
@@ -341,16 +347,21 @@ class HloModule:
                 shape = inst.shape
                 if kind == "collective-permute" and len(shape) > 1:
                     shape = shape[1:2]
-                dcn = False
-                if self.slice_of_partition is not None:
-                    dcn = any(len({self.slice_of_partition[p] for p in g if p < len(self.slice_of_partition)}) > 1
-                              for g in groups)
                 op_name = re.search(r'op_name="([^"]*)"', attrs)
                 size = 2 if kind == "collective-permute" else max(len(g) for g in groups)
                 buffer = sum(a.bytes for a in shape) * (size if inst.opcode.startswith("reduce-scatter") else 1)
-                found.append(Collective(kind, tuple(shape), buffer, size, times, dcn, comp,
+                found.append(Collective(kind, tuple(shape), buffer, size, times, False, comp,
                                         op_name.group(1) if op_name else ""))
         return found
+
+
+def _dcn_collective(inst: Instruction) -> Optional[str]:
+    """The collective kind of a multi-slice program's `send` to the Megascale runtime (its rendezvous names the
+    collective it carries across slices over DCN), else None."""
+    if inst.opcode != "send" or "xla_megascale_runtime" not in inst.attrs:
+        return None
+    m = re.search(r'_xla_host_transfer_rendezvous="([a-z\-]+)', inst.attrs)
+    return next((k for k in COLLECTIVES if m and m.group(1).startswith(k)), "all-reduce")
 
 
 def _dims(text: str, key: str) -> list[int]:

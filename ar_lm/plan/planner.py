@@ -32,7 +32,7 @@ from ar_lm.model.backend import resolve_attention, resolve_remat, target_platfor
 from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
 from ar_lm.plan.hlo import Collective, HloModule
-from ar_lm.plan.targets import GIB, Target, compile_devices, slice_index
+from ar_lm.plan.targets import GIB, Target, compile_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +170,7 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
     memory["capacity"] = chip.hbm_bytes
     fits = memory["total"] <= chip.hbm_bytes
 
-    module = HloModule(compiled.as_text(), [slice_index(d) for d in mesh.devices.flat])
+    module = HloModule(compiled.as_text(), target.slices)
     collectives = module.collectives()
     tokens = cfg.data.batch_size * (1 if decode else cfg.data.seq_len)
     n_dev = mesh.devices.size

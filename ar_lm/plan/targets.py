@@ -130,6 +130,3 @@ def compile_devices(target: Target) -> list:
     return list(devices)
 
 
-def slice_index(device) -> int:
-    return int(getattr(device, "slice_index", 0) or 0)
-
