@@ -40,17 +40,24 @@ PRESETS = {
 }
 TARGETS = ("v5e-16", "v5p-8", "v5p-64", "v5p-128", "v6e-64")
 SIZES = ("125m", "350m", "1.3b", "7b", "13b", "70b")
+# MaxText's published runs, planned with their shapes: (size, seq, sequences per chip, target, what they report)
+MAXTEXT = (
+    ("70b", 4096, 4, "v5p-128", "MaxText configs/v5p/llama2_70b.sh: Llama2-70B, seq 4096, per_device_batch_size=4 "
+     "(on v5p-512); configs/v5p/README.md: a 64B model on 1x v5p-128 at 323 TFLOP/s/chip, 70.3% MFU"),
+    ("70b", 4096, 4, "v6e-256", "tpu-recipes training/trillium/Llama2-70B-MaxText: Llama2-70B, seq 4096, 4M-token "
+     "batch (4 per chip) on v6e-256: 419 TFLOP/s/chip (45.7% of 918), 943 tokens/s/chip"),
+)
 
 
-def cell_config(size: str, seq: int, chips: int, preset: str):
-    cfg = config_for(size, seq_len=seq, batch_size=chips * (2 if seq <= 2048 else 1))
+def cell_config(size: str, seq: int, chips: int, preset: str, per_chip: int = 0):
+    cfg = config_for(size, seq_len=seq, batch_size=chips * (per_chip or (2 if seq <= 2048 else 1)))
     remat = "full" if param_counts(cfg.model)["total"] > 5e9 else "none"
     return validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat), mesh=PRESETS[preset]))
 
 
-def run_cell(size: str, seq: int, target_name: str, preset: str) -> dict:
+def run_cell(size: str, seq: int, target_name: str, preset: str, per_chip: int = 0) -> dict:
     target = parse_target(target_name)
-    cfg = cell_config(size, seq, target.chips, preset)
+    cfg = cell_config(size, seq, target.chips, preset, per_chip)
     t0 = time.perf_counter()
     try:
         p = plan(cfg, target)
@@ -78,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seqs", default="2048,4096")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--presets", default="fsdp,fsdp_tp,dp")
+    ap.add_argument("--maxtext", action="store_true", help="also plan MaxText's published configurations (MAXTEXT)")
     args = ap.parse_args()
     import jax
     import libtpu
@@ -97,6 +105,12 @@ def main() -> None:
                     result["cells"][key] = run_cell(size, seq, target, preset)
                     print(key, json.dumps(result["cells"][key]), flush=True)
                     out.write_text(json.dumps(result, indent=2) + "\n")
+    for size, seq, per_chip, target, reference in MAXTEXT if args.maxtext else ():
+        key = f"maxtext: {size} | seq {seq} | {per_chip} per chip | {target} | fsdp"
+        if key not in result["cells"]:
+            result["cells"][key] = {**run_cell(size, seq, target, "fsdp", per_chip), "reference": reference}
+            print(key, json.dumps(result["cells"][key]), flush=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -86,15 +86,31 @@ def test_splash_attention_is_sharded_and_the_plan_names_activation_collectives(t
     assert not any("[8,4,512,64]" in c for c in p.activation_collectives)
 
 
-def test_activation_collectives_named_where_batch_is_gathered():
-    """Replicating the batch inside the model (rule override batch=) while parameters stay fsdp-sharded makes
-    every activation whole on every chip: the helper names collectives of activation size."""
-    from ar_lm.plan.hlo import Array, Collective
-    from ar_lm.plan.planner import activation_collectives
+def test_activation_collectives_are_named_from_compiled_hlo():
+    """A program that gathers a batch-sharded activation whole onto every chip (and an fsdp-sharded weight,
+    as fsdp does), compiled for v5e:2x2: the helper names the activation's all-gather, not the weight's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    act = Collective("all-gather", (Array("bf16", (8, 4, 512, 64)),), 1.0, 4, 2, False, "c", "")
-    param = Collective("all-gather", (Array("bf16", (512, 512)),), 1.0, 4, 2, False, "c", "")
-    assert activation_collectives([act, param], 512, {512 * 512}) == [act]
+    from ar_lm.plan.planner import activation_collectives
+    from ar_lm.plan.targets import compile_devices
+
+    mesh = Mesh(np.array(compile_devices(parse_target("v5e:2x2"))), ("fsdp",))
+    x = jax.ShapeDtypeStruct((8, 512, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+    w = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+
+    def f(x_BxLxD, w_DxF):
+        whole_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD * 2, NamedSharding(mesh, P()))
+        w_DxF = jax.lax.with_sharding_constraint(w_DxF, NamedSharding(mesh, P()))
+        return jnp.tanh(whole_BxLxD @ w_DxF)
+
+    module = HloModule(jax.jit(f).lower(x, w).compile().as_text())
+    gathers = [c for c in module.collectives() if c.kind == "all-gather"]
+    assert {c.shapes[0].dims for c in gathers} >= {(8, 512, 256), (256, 384)}
+    named = activation_collectives(module.collectives(), 512, {256 * 384, 256 * 384 // 4})
+    assert [c.shapes[0].dims for c in named] == [(8, 512, 256)]
 
 
 def test_plan_cli_fits_a_1_3b_on_v5p_2x2x1_and_writes_json(tmp_path):
