@@ -20,11 +20,12 @@ LAYERS = {  # component -> layer; a component imports only its own modules and l
     "ar_lm.data": 1,
     "ar_lm.parallel": 2,
     "ar_lm.training": 3,
-    "ar_lm.scaling": 4,
     "ar_lm.decoding": 4,
     "ar_lm.interop": 4,
-    "ar_lm.cli": 5,
-    "ar_lm.__main__": 6,
+    "ar_lm.plan": 5,
+    "ar_lm.scaling": 6,
+    "ar_lm.cli": 7,
+    "ar_lm.__main__": 8,
 }
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60

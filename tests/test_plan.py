@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ar_lm.config import MeshConfig, ModelConfig, validate
+from ar_lm.config import MeshConfig, validate
 from ar_lm.errors import UserError
 from ar_lm.plan.hlo import HloModule, replica_groups
 from ar_lm.plan.planner import plan
@@ -164,3 +164,24 @@ def test_multi_slice_plans_count_collectives_across_slices_as_dcn():
     assert p.chips == 8 and p.mesh["data"] == 2
     dcn = [c for c in p.collectives if c["network"] == "dcn"]
     assert dcn and all(c["traffic_bytes"] > 0 for c in dcn) and p.roofline["dcn_s"] > 0
+
+
+def test_matmul_flops_are_counted_as_xla_counts_them():
+    """Outside loops the HLO reader's dot/convolution FLOPs equal XLA's own cost_analysis (TPU lowers these
+    batched matmuls, and their gradients, to convolutions)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from ar_lm.plan.targets import compile_devices
+
+    mesh = Mesh(np.array(compile_devices(parse_target("v5e:2x2"))), ("d",))
+    sh = NamedSharding(mesh, P("d"))
+    x = jax.ShapeDtypeStruct((8, 256, 128), jnp.bfloat16, sharding=sh)
+    w = jax.ShapeDtypeStruct((4, 128, 512), jnp.bfloat16, sharding=sh)
+    scores = lambda q, k: jnp.einsum("bld,bsd->bls", q, k)  # noqa: E731
+    for f, args in ((jax.grad(lambda x, w: jnp.sum(x @ w[0]), argnums=(0, 1)), (x, w)), (scores, (x, x))):
+        compiled = jax.jit(f).lower(*args).compile()
+        ours, xla = HloModule(compiled.as_text()).matmul_flops(), compiled.cost_analysis()["flops"]
+        assert ours > 0 and abs(ours - xla) <= 0.01 * xla

@@ -37,7 +37,6 @@ import numpy as np
 from ar_lm.config import ModelConfig
 from ar_lm.decoding.sampling import GREEDY, Sampling, sample_logits, token_logprob
 from ar_lm.errors import require
-from ar_lm.errors import require
 from ar_lm.model.backend import platform
 from ar_lm.model.transformer import CACHE_AXES, apply, init_cache, relayout_layers
 

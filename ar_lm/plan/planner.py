@@ -178,22 +178,8 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
     flops = {"compiled": module.matmul_flops(), "model": per_token * tokens / n_dev,
              "kernels": _kernel_flops(cfg, settings, decode) * tokens / n_dev}
     hbm = module.hbm_bytes()
-    ici_bw = chip.ici_bw / chip.dims  # the links of one torus axis, both directions
-    by_kind: dict[tuple[str, bool], dict] = {}
-    for c in collectives:
-        row = by_kind.setdefault((c.kind, c.dcn), {"kind": c.kind, "network": "dcn" if c.dcn else "ici", "count": 0,
-                                                  "bytes": 0.0, "traffic_bytes": 0.0})
-        row["count"] += c.count
-        row["bytes"] += c.count * c.bytes
-        row["traffic_bytes"] += c.count * c.traffic_bytes
-    rows = sorted(by_kind.values(), key=lambda r: -r["traffic_bytes"])
-    for r in rows:
-        r["seconds"] = r["traffic_bytes"] / (chip.dcn_bw if r["network"] == "dcn" else ici_bw)
-    roof = {"compute_s": (flops["compiled"] + flops["kernels"]) / chip.bf16_flops, "hbm_s": hbm / chip.hbm_bw,
-            "ici_s": sum(r["seconds"] for r in rows if r["network"] == "ici"),
-            "dcn_s": sum(r["seconds"] for r in rows if r["network"] == "dcn")}
-    roof["bound"] = max(roof, key=roof.get).removesuffix("_s")
-    roof["step_s"] = max(v for k, v in roof.items() if k.endswith("_s"))
+    rows = collective_rows(collectives, target)
+    roof = roofline(flops["compiled"] + flops["kernels"], hbm, rows, target)
     step_s = max(roof["step_s"], 1e-12)
     sizes = parameter_sizes(abstract_params, cfg.model.n_layers, [s for s in mesh.shape.values() if s > 1])
     acts = activation_collectives(collectives, 1 if decode else cfg.data.seq_len, sizes) if not decode else []
@@ -206,6 +192,35 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
         advice="" if fits else _advice(cfg, memory, chip.hbm_bytes),
         activation_collectives=tuple(f"{c.kind} {' '.join(map(str, c.shapes))} x{c.count}" for c in acts),
     )
+
+
+def collective_rows(collectives: list[Collective], target: Target) -> list[dict]:
+    """Collectives summed by kind and network (ICI within a slice, DCN across): executions per step, bytes
+    per device, bytes sent, and seconds at the bandwidth of one torus axis (ICI) or the host network (DCN)."""
+    chip = target.chip
+    by_kind: dict[tuple[str, bool], dict] = {}
+    for c in collectives:
+        row = by_kind.setdefault((c.kind, c.dcn), {"kind": c.kind, "network": "dcn" if c.dcn else "ici", "count": 0,
+                                                  "bytes": 0.0, "traffic_bytes": 0.0})
+        row["count"] += c.count
+        row["bytes"] += c.count * c.bytes
+        row["traffic_bytes"] += c.count * c.traffic_bytes
+    rows = sorted(by_kind.values(), key=lambda r: -r["traffic_bytes"])
+    for r in rows:  # one torus axis: 2 of the chip's 2 x dims links, both directions
+        r["seconds"] = r["traffic_bytes"] / (chip.dcn_bw if r["network"] == "dcn" else chip.ici_bw / chip.dims)
+    return rows
+
+
+def roofline(flops: float, hbm_bytes: float, rows: list[dict], target: Target) -> dict:
+    """Seconds per step of compute at the bf16 peak, HBM traffic at its bandwidth and collectives (ICI, DCN);
+    the step is the largest of them (everything else overlapped), `bound` names it."""
+    chip = target.chip
+    roof = {"compute_s": flops / chip.bf16_flops, "hbm_s": hbm_bytes / chip.hbm_bw,
+            "ici_s": sum(r["seconds"] for r in rows if r["network"] == "ici"),
+            "dcn_s": sum(r["seconds"] for r in rows if r["network"] == "dcn")}
+    roof["bound"] = max(roof, key=roof.get).removesuffix("_s")
+    roof["step_s"] = max(v for k, v in roof.items() if k.endswith("_s"))
+    return roof
 
 
 def _kernel_flops(cfg: ExperimentConfig, settings: dict, decode: bool) -> float:

@@ -14,6 +14,7 @@ page gives none, so v5p's is assumed).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -110,10 +111,8 @@ def compile_devices(target: Target) -> list:
     """Compile-only devices of the target from libtpu (slice-major), one per chip (v4 as megacore)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: several planners may run at once
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        raise UserError("planning for TPU needs libtpu: pip install 'ar_lm[tpu]' (jax[tpu] at this jax version)") from None
+    require(importlib.util.find_spec("libtpu") is not None,
+            "planning for TPU needs libtpu: pip install 'ar_lm[tpu]' (jax[tpu] at this jax version)")
     from jax.experimental import topologies
 
     kwargs: dict = {"chip_config_name": "megacore"} if target.family == "v4" else {}
