@@ -141,11 +141,49 @@ def memory_table(path: Path) -> str:
     return "\n".join(rows) + f"\n\nSource: `{path.as_posix()}`"
 
 
+def _cell(r: dict) -> str:
+    if "error" in r:
+        return f"error: {r['error']} | | | | |"
+    fits = "yes" if r["fits"] else f"no ({r['gib_per_device']:.0f} of {r['capacity_gib']:.0f})"
+    if "step_ms" not in r:
+        return f"{fits} | {r['gib_per_device']:.1f} | - | - | - |"
+    return (f"{fits} | {r['gib_per_device']:.1f} | {r['step_ms']:,.1f} ({r['bound']}) | {100 * r['mfu_ceiling']:.0f}% | "
+            f"{r['tokens_per_s_per_chip']:,.0f} |")
+
+
+def tpu_plan_tables(path: Path) -> str:
+    """The grid of `benchmarks/tpu_plan.py`, by slice, then MaxText's published runs planned with their shapes."""
+    d = _load(path)
+    order = {t: i for i, t in enumerate(("v5e-16", "v5p-8", "v5p-64", "v5p-128", "v6e-64"))}
+    sizes = {s: i for i, s in enumerate(("125m", "350m", "1.3b", "7b", "13b", "70b"))}
+    presets = {p: i for i, p in enumerate(("fsdp", "fsdp_tp", "dp"))}
+    grid, maxtext = [], []
+    for key, r in d["cells"].items():
+        if key.startswith("maxtext:"):
+            maxtext.append((key.removeprefix("maxtext: "), r))
+        else:
+            size, seq, target, preset = (p.strip() for p in key.split("|"))
+            grid.append(((order.get(target, 9), int(seq.split()[1]), presets.get(preset, 9), sizes.get(size, 9)),
+                         target, size, seq, preset, r))
+    rows = ["| slice | model | seq | preset | fits (GiB) | GiB per device | step ms (bound) | MFU ceiling | tokens/s/chip |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for _, target, size, seq, preset, r in sorted(grid, key=lambda g: g[0]):
+        rows.append(f"| {target} | {size} | {seq.split()[1]} | {preset} | {_cell(r)}")
+    out = "\n".join(rows)
+    if maxtext:
+        rows = ["| planned | fits | GiB per device | step ms (bound) | MFU ceiling | tokens/s/chip | published |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        rows += [f"| {key} | {_cell(r)} {r.get('reference', '')} |" for key, r in maxtext]
+        out += "\n\nMaxText's published runs, planned with their shapes (fsdp over the slice, remat full):\n\n" + "\n".join(rows)
+    return out + f"\n\nSource: `{path.as_posix()}` ({d.get('jax', '?')}, libtpu {d.get('libtpu', '?')})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--date", required=True, help="the date in the results file names, e.g. 2026-12-01")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--decode-date", help="the date of the decoding results (float32 and int8 rows), if not --date")
+    ap.add_argument("--tpu-date", help="the date of the TPU plan results (benchmarks/tpu_plan.py), if not --date")
     args = ap.parse_args()
     results = Path(args.results)
     train = results / f"train_throughput_{args.date}_cpu2_repeats3.json"
@@ -154,7 +192,9 @@ def main() -> None:
                 ("What each CPU default buys", train, lambda p: ablation_table(p, results, args.date)),
                 ("Decoding", decode, decode_tables),
                 ("Int8 weight-only decoding", decode, int8_table),
-                ("Sharding memory", results / f"sharding_memory_{args.date}_cpu8.json", memory_table)]
+                ("Sharding memory", results / f"sharding_memory_{args.date}_cpu8.json", memory_table),
+                ("TPU plans from the TPU compiler", results / f"tpu_plan_{args.tpu_date or args.date}_cpu2.json",
+                 tpu_plan_tables)]
     for title, path, render in sections:
         print(f"## {title}\n")
         print(render(path) if path.is_file() else f"(no {path.as_posix()})")

@@ -126,8 +126,10 @@ def test_plan_cli_fits_a_1_3b_on_v5p_2x2x1_and_writes_json(tmp_path):
 
 def test_plan_cli_says_a_7b_does_not_fit_v5e_2x2_and_what_to_change():
     r = _cli("plan", "experiments/llama_tpu.py", "--target", "v5e:2x2", "--set", "model.d_model=4096",
-             "--set", "model.n_layers=32", "--set", "model.n_heads=32", "--set", "data.batch_size=4")
+             "--set", "model.n_layers=32", "--set", "model.n_heads=32", "--set", "data.batch_size=4", "--json")
     assert r.returncode == 1, r.stderr[-2000:]
+    p = json.loads(r.stdout, parse_constant=pytest.fail)  # strict JSON: what the refused compile could not tell is null
+    assert p["fits"] is False and p["memory"]["total"] > p["memory"]["capacity"] and p["roofline"]["step_s"] is None
     error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "does not fit" in error[0] and "GiB" in error[0]
     assert any(w in error[0] for w in ("more chips", "remat", "grad_accum", "tensor"))
@@ -185,3 +187,17 @@ def test_matmul_flops_are_counted_as_xla_counts_them():
         compiled = jax.jit(f).lower(*args).compile()
         ours, xla = HloModule(compiled.as_text()).matmul_flops(), compiled.cost_analysis()["flops"]
         assert ours > 0 and abs(ours - xla) <= 0.01 * xla
+
+
+def test_sweep_plan_fails_when_a_point_does_not_fit(tmp_path, capsys):
+    """A 7B point on v5e:2x2 (the compiler refuses it for HBM): exit 1 with one error line naming the point,
+    plan.json written (strict JSON) with the point marked as not fitting."""
+    from ar_lm.plan.sweep import plan_points
+
+    big = config_for("7b", seq_len=2048, batch_size=4)
+    small = _small(attention="xla")
+    assert plan_points([("small", small), ("big", big)], parse_target("v5e:2x2"), None, tmp_path) == 1
+    rows = {r["point"]: r for r in json.loads((tmp_path / "plan.json").read_text(), parse_constant=pytest.fail)["points"]}
+    assert rows["small"]["fits"] and not rows["big"]["fits"] and rows["big"]["step_ms"] is None
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "big" in error[0] and "does not fit" in error[0]

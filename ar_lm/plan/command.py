@@ -78,7 +78,7 @@ def plan_command(args) -> int:
         cfg = prepare_config(cfg, TokenDataset(cfg.data.path, verify=False))
     result = plan(cfg, target, decode=args.decode, hlo_dir=args.hlo_dir)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2, default=float))
+        print(json.dumps(result.to_json(), indent=2, default=float, allow_nan=False))
     else:
         print(format_plan(result))
     if not result.fits:

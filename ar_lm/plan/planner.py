@@ -56,7 +56,17 @@ class Plan:
     activation_collectives: tuple = ()  # "kind dtype[dims] xcount" of collectives of activation size
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """A JSON-able dict; what the compiler could not tell (NaN: a program it refused) is null."""
+        return jsonable(dataclasses.asdict(self))
+
+
+def jsonable(x):
+    """`x` with NaN floats as None, so that it dumps as strict JSON."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def with_slices(mesh: MeshConfig, slices: int) -> MeshConfig:

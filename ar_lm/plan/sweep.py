@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from ar_lm.config import ExperimentConfig
 from ar_lm.errors import EXIT_FAILURE
 from ar_lm.io import atomic_write_text
-from ar_lm.plan.planner import plan
+from ar_lm.plan.planner import jsonable, plan
 from ar_lm.plan.targets import GIB, Target
 
 
@@ -45,9 +45,8 @@ def plan_points(points: Sequence[tuple[str, ExperimentConfig]], target: Target, 
               f"{r['bound']:>8} {r['steps']:>8,} {r['hours']:>9.4f} {r['chip_hours']:>9.4f} {r['mfu_ceiling']:>8.1%}")
     print(f"total: {total:.4g} chip-hours (roofline ceiling: real runs take longer)")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "plan.json", json.dumps({"target": str(target), "chips": target.chips,
-                                                     "total_chip_hours": total, "points": rows}, indent=2,
-                                                    default=float) + "\n")
+    summary = {"target": str(target), "chips": target.chips, "total_chip_hours": total, "points": rows}
+    atomic_write_text(out / "plan.json", json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     print(f"[sweep] plan written to {out / 'plan.json'}", file=sys.stderr)
     bad = [r["point"] for r in rows if not r["fits"]]
     if bad:
