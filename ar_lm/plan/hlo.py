@@ -186,6 +186,7 @@ class HloModule:
         m = re.search(r"num_partitions=(\d+)", text)
         self.n_partitions = int(m.group(1)) if m else 1
         self.slices = slices
+        self._views: dict[str, tuple[dict, dict, dict]] = {}
 
     def shapes(self, computation: str) -> dict[str, list[Array]]:
         return {i.name: i.shape for i in self.computations.get(computation, [])}
@@ -278,43 +279,71 @@ class HloModule:
             return self._fusion_bytes(inst, shapes)
         return inst.result_bytes + sum(operand(k) for k in range(len(inst.operands)))
 
+    def _view(self, comp: str) -> tuple[dict, dict, dict]:
+        """(parameter index -> name, name -> instruction, name -> users) of a fused computation."""
+        if comp not in self._views:
+            body = self.computations.get(comp, [])
+            users: dict[str, list[Instruction]] = {}
+            for i in body:
+                for o in i.operands:
+                    users.setdefault(o, []).append(i)
+            params = {int(i.args): i.name for i in body if i.opcode == "parameter" and i.args.isdigit()}
+            self._views[comp] = (params, {i.name: i for i in body}, users)
+        return self._views[comp]
+
+    def _users(self, comp: str, name: str) -> list[Instruction]:
+        """The users of `name` in `comp`, looking through bitcasts and reshapes."""
+        found = []
+        for u in self._view(comp)[2].get(name, []):
+            found += self._users(comp, u.name) if u.opcode in ("bitcast", "reshape") else [u]
+        return found
+
+    def _source(self, comp: str, inst: Optional[Instruction]) -> Optional[Instruction]:
+        """Through bitcasts and reshapes to the instruction that produced `inst`'s data."""
+        by_name = self._view(comp)[1]
+        while inst is not None and inst.opcode in ("bitcast", "reshape") and inst.operands:
+            inst = by_name.get(inst.operands[0])
+        return inst
+
+    def _read_bytes(self, comp: str, name: str, full: float, depth: int = 0) -> float:
+        """Bytes a fused computation reads of its parameter `name` (`full` bytes): only the slices when every
+        use is a dynamic-slice, in this computation or in fusions nested in it; else all of it."""
+        uses = self._users(comp, name)
+        if not uses or depth > 4:
+            return full
+        total = 0.0
+        for u in uses:
+            if u.opcode == "dynamic-slice" and self._source(comp, self._view(comp)[1].get(u.operands[0])).name == name:
+                total += u.result_bytes
+            elif u.opcode == "fusion":
+                inner = u.attr("calls") or ""
+                params = self._view(inner)[0]
+                for j, o in enumerate(u.operands):
+                    src = self._source(comp, self._view(comp)[1].get(o))
+                    if src is not None and src.name == name and j in params:
+                        total += self._read_bytes(inner, params[j], full, depth + 1)
+            else:
+                return full
+        return min(total, full)
+
     def _fusion_bytes(self, inst: Instruction, shapes) -> float:
-        """A fusion's operands and result; an operand only sliced inside counts its slices, and a result
-        written in place by a root dynamic-update-slice counts the update."""
-        body = self.computations.get(inst.attr("calls") or "", [])
-        params = {i.name: int(i.args) for i in body if i.opcode == "parameter" and i.args.isdigit()}
-        by_name = {i.name: i for i in body}
-        users: dict[str, list[Instruction]] = {}
-        for i in body:
-            for o in i.operands:
-                users.setdefault(o, []).append(i)
-
-        def through_bitcasts(name: str) -> list[Instruction]:  # the users of `name`, looking through bitcasts
-            found = []
-            for u in users.get(name, []):
-                found += through_bitcasts(u.name) if u.opcode in ("bitcast", "reshape") else [u]
-            return found
-
-        def source(i: Optional[Instruction]) -> Optional[Instruction]:  # through bitcasts to the real producer
-            while i is not None and i.opcode in ("bitcast", "reshape") and i.operands:
-                i = by_name.get(i.operands[0])
-            return i
-
-        root = next((i for i in body if i.root), None)
+        """A fusion's operands and results: an operand only sliced inside (also by a nested fusion) counts its
+        slices, and an output written in place by a dynamic-update-slice counts the update."""
+        comp = inst.attr("calls") or ""
+        params, by_name, _ = self._view(comp)
+        root = next((i for i in self.computations.get(comp, []) if i.root), None)
         outputs = [by_name.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
-        written = [source(o) for o in outputs if o is not None]
+        written = [self._source(comp, o) for o in outputs if o is not None]
         updates = [w for w in written if w is not None and w.opcode == "dynamic-update-slice"]
         total = 0.0
-        for name, k in params.items():
+        for k, name in params.items():
             if k >= len(inst.operands):
                 continue
-            uses = through_bitcasts(name)
-            if uses and all(u.opcode == "dynamic-slice" for u in uses):
-                total += sum(u.result_bytes for u in uses)
-            elif uses and all(u in updates and source(by_name.get(u.operands[0])) is by_name[name] for u in uses):
+            uses = self._users(comp, name)
+            if uses and all(u in updates and self._source(comp, by_name.get(u.operands[0])) is by_name[name]
+                            for u in uses):
                 continue  # a buffer updated in place
-            else:
-                total += sum(a.bytes for a in shapes.get(inst.operands[k], []))
+            total += self._read_bytes(comp, name, sum(a.bytes for a in shapes.get(inst.operands[k], [])))
         for w in written:  # what the fusion writes: the update of an in-place slice, else the whole output
             if w in updates and w.operands[1] in by_name:
                 total += sum(a.bytes for a in by_name[w.operands[1]].shape)
