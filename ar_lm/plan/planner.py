@@ -27,12 +27,14 @@ import jax
 import numpy as np
 
 from ar_lm.config import ExperimentConfig, MeshConfig
+from ar_lm.decoding.decoder import lower_decode_step
 from ar_lm.errors import require
-from ar_lm.model.backend import resolve_attention, resolve_remat, target_platform
+from ar_lm.model.backend import resolve_attention, resolve_compute_dtype, resolve_remat, target_platform
 from ar_lm.model.counts import flops_per_token, param_counts
-from ar_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
 from ar_lm.plan.hlo import Collective, HloModule
 from ar_lm.plan.targets import GIB, Target, compile_devices
+from ar_lm.training.loop import check_parallelism
+from ar_lm.training.step import lower_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,18 +132,6 @@ def _oom_bytes(message: str) -> Optional[tuple[float, float]]:
     return float(m.group(2)) * _UNITS[m.group(3)], float(m.group(4)) * _UNITS[m.group(5)]
 
 
-def _lower_train(cfg: ExperimentConfig, mesh, rules):
-    from ar_lm.training.step import lower_train_step
-
-    return lower_train_step(cfg, mesh, rules, eos_id=0 if cfg.data.document_mask else None)
-
-
-def _lower_decode(cfg: ExperimentConfig, mesh, rules):
-    from ar_lm.decoding.decoder import lower_decode_step
-
-    return lower_decode_step(cfg, mesh, rules)
-
-
 def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: Optional[Path] = None) -> Plan:
     """Compile `cfg`'s train step (or decode step) for `target` and report memory, FLOPs, collectives and a
     roofline. Raises `UserError` for a config or mesh the target cannot take."""
@@ -152,15 +142,14 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     chip = target.chip
     with target_platform("tpu"):
-        mesh = make_mesh(mesh_cfg, devices)
-        rules = logical_rules(mesh_cfg)
-        dp = data_parallel_size(mesh, rules)
-        micro = cfg.data.batch_size // cfg.optim.grad_accum
-        require(micro % dp == 0, f"the (micro-)batch {micro} is not divisible by the data-parallel size {dp} on "
-                f"{target}: use a multiple of {dp} for data.batch_size (/ optim.grad_accum)")
+        mesh, rules = check_parallelism(cfg, devices)
         settings = {"attention": resolve_attention(cfg.model), "remat": resolve_remat(cfg.model),
-                    "compute_dtype": str(np.dtype(_compute_dtype(cfg)))}
-        lowered, abstract_params, abstract_args = (_lower_decode if decode else _lower_train)(cfg, mesh, rules)
+                    "compute_dtype": str(np.dtype(resolve_compute_dtype(cfg.model)))}
+        if decode:
+            lowered, abstract_params, abstract_args = lower_decode_step(cfg, mesh, rules)
+        else:  # the eos id a document mask needs changes no shape
+            lowered, abstract_params, abstract_args = lower_train_step(cfg, mesh, rules,
+                                                                       0 if cfg.data.document_mask else None)
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit in HBM
@@ -240,12 +229,6 @@ def _kernel_flops(cfg: ExperimentConfig, settings: dict, decode: bool) -> float:
         return 0.0
     m = cfg.model
     return 6.0 * m.n_layers * m.n_heads * m.head_dim * (cfg.data.seq_len + 1)
-
-
-def _compute_dtype(cfg: ExperimentConfig):
-    from ar_lm.model.backend import resolve_compute_dtype
-
-    return resolve_compute_dtype(cfg.model)
 
 
 def _not_fitting(cfg, target: Target, decode: bool, mesh, settings: dict, oom, arguments: float) -> Plan:

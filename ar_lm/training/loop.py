@@ -53,9 +53,10 @@ def prepare_config(cfg: ExperimentConfig, dataset: TokenDataset) -> ExperimentCo
     return validate(cfg)
 
 
-def check_parallelism(cfg: ExperimentConfig):
-    """Build the mesh and rules, checking that the batch splits over the data-parallel size."""
-    mesh = make_mesh(cfg.mesh)
+def check_parallelism(cfg: ExperimentConfig, devices=None):
+    """Build the mesh (over `devices`, default this process's) and rules, checking that the batch splits over
+    the data-parallel size."""
+    mesh = make_mesh(cfg.mesh, devices)
     rules = logical_rules(cfg.mesh)
     dp = data_parallel_size(mesh, rules)
     require(
