@@ -144,7 +144,7 @@ def memory_table(path: Path) -> str:
 def _cell(r: dict) -> str:
     if "error" in r:
         return f"error: {r['error']} | | | | |"
-    fits = "yes" if r["fits"] else f"no ({r['gib_per_device']:.0f} of {r['capacity_gib']:.0f})"
+    fits = "yes" if r["fits"] else f"no ({r['gib_per_device']:.0f} of {r['capacity_gib']:.2f})"
     if "step_ms" not in r:
         return f"{fits} | {r['gib_per_device']:.1f} | - | - | - |"
     return (f"{fits} | {r['gib_per_device']:.1f} | {r['step_ms']:,.1f} ({r['bound']}) | {100 * r['mfu_ceiling']:.0f}% | "
@@ -165,15 +165,15 @@ def tpu_plan_tables(path: Path) -> str:
             size, seq, target, preset = (p.strip() for p in key.split("|"))
             grid.append(((order.get(target, 9), int(seq.split()[1]), presets.get(preset, 9), sizes.get(size, 9)),
                          target, size, seq, preset, r))
-    rows = ["| slice | model | seq | preset | fits (GiB) | GiB per device | step ms (bound) | MFU ceiling | tokens/s/chip |",
+    rows = ["| slice | model | seq | preset | fits | args + temps GiB | step ms (bound) | MFU ceiling | tokens/s/chip |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for _, target, size, seq, preset, r in sorted(grid, key=lambda g: g[0]):
         rows.append(f"| {target} | {size} | {seq.split()[1]} | {preset} | {_cell(r)}")
     out = "\n".join(rows)
     if maxtext:
-        rows = ["| planned | fits | GiB per device | step ms (bound) | MFU ceiling | tokens/s/chip | published |",
+        rows = ["| planned | fits | args + temps GiB | step ms (bound) | MFU ceiling | tokens/s/chip | published |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        rows += [f"| {key} | {_cell(r)} {r.get('reference', '')} |" for key, r in maxtext]
+        rows += [f"| {key.replace(' | ', ', ')} | {_cell(r)} {r.get('reference', '')} |" for key, r in maxtext]
         out += "\n\nMaxText's published runs, planned with their shapes (fsdp over the slice, remat full):\n\n" + "\n".join(rows)
     return out + f"\n\nSource: `{path.as_posix()}` ({d.get('jax', '?')}, libtpu {d.get('libtpu', '?')})"
 

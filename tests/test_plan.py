@@ -201,3 +201,11 @@ def test_sweep_plan_fails_when_a_point_does_not_fit(tmp_path, capsys):
     assert rows["small"]["fits"] and not rows["big"]["fits"] and rows["big"]["step_ms"] is None
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "big" in error[0] and "does not fit" in error[0]
+
+
+def test_plan_decode_step_reads_the_cache_sharded(tmp_path):
+    """`--decode`: one decode step of batch data.batch_size over a cache of max_seq_len slots; the plan
+    counts its weights as the model FLOPs (2N per token) and is HBM-bound, as decoding is."""
+    p = plan(_small(attention="xla"), parse_target("v5e:2x2"), decode=True, hlo_dir=tmp_path)
+    assert p.fits and p.step == "decode" and (tmp_path / "decode_step.hlo.txt").is_file()
+    assert p.flops["compiled"] > 0 and p.roofline["bound"] == "hbm" and p.tokens_per_s_per_chip > 0

@@ -40,9 +40,10 @@ def format_plan(p: Plan) -> str:
         f"target      {p.target} ({p.chips} chips), {p.step} step, mesh {mesh}, rules {p.mesh['rules']}",
         f"settings    attention {p.settings['attention']}, remat {p.settings['remat']}, "
         f"compute {p.settings['compute_dtype']}",
-        f"memory      {_gib(m['total'])} of {_gib(m['capacity'])} per device: {'fits' if p.fits else 'DOES NOT FIT'} "
-        f"(arguments {_gib(m['arguments'])}, temporaries {_gib(m['temporaries'])}, outputs {_gib(m['outputs'])} "
-        f"of which {_gib(m['aliased'])} donated, code {_gib(m['code'])})",
+        f"memory      {'fits' if p.fits else 'DOES NOT FIT'} in the {_gib(m['capacity'])} a program may use per device: "
+        f"arguments {_gib(m['arguments'])} + temporaries {_gib(m['temporaries'])} + code {_gib(m['code'])} = "
+        f"{_gib(m['total'])} (an upper bound of the peak; outputs {_gib(m['outputs'])}, {_gib(m['aliased'])} of "
+        "them donated)",
     ]
     if not math.isnan(p.flops["compiled"]):
         ratio = p.flops["compiled"] / p.flops["model"] if p.flops["model"] else float("nan")

@@ -5,7 +5,9 @@ compile-only devices with the run's mesh and logical-axis rules, from abstract a
 allocated. From the compiled program:
 
 - memory per device: `memory_analysis()` (arguments, temporaries, outputs, code; donated outputs alias their
-  arguments), against the chip's HBM; a program that cannot fit is refused by the compiler itself;
+  arguments) against the HBM the compiler lets a program use. Whether it fits is the compiler's word: it
+  refuses a program whose peak does not fit. The sum shown is an upper bound of that peak (the compiler may
+  reuse donated arguments' buffers for temporaries);
 - FLOPs, HBM traffic and collectives per device and step from the compiled HLO (`ar_lm.plan.hlo`, loop
   bodies weighted by their trip counts);
 - a roofline step time: the largest of compute at the chip's bf16 peak, HBM traffic at its bandwidth, and
@@ -167,7 +169,6 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
               "code": mem.generated_code_size_in_bytes}
     memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
     memory["capacity"] = chip.hbm_bytes
-    fits = memory["total"] <= chip.hbm_bytes
 
     module = HloModule(compiled.as_text(), target.slices)
     collectives = module.collectives()
@@ -184,11 +185,10 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
     acts = activation_collectives(collectives, 1 if decode else cfg.data.seq_len, sizes) if not decode else []
     return Plan(
         target=str(target), chips=target.chips, step="decode" if decode else "train",
-        mesh={**dict(mesh.shape), "rules": mesh_cfg.rules}, settings=settings, memory=memory, fits=fits,
+        mesh={**dict(mesh.shape), "rules": mesh_cfg.rules}, settings=settings, memory=memory, fits=True,
         flops=flops, hbm_bytes=hbm, collectives=rows, roofline=roof,
         tokens_per_s_per_chip=tokens / step_s / target.chips,
         mfu_ceiling=flops["model"] / (step_s * chip.bf16_flops),
-        advice="" if fits else _advice(cfg, memory, chip.hbm_bytes),
         activation_collectives=tuple(f"{c.kind} {' '.join(map(str, c.shapes))} x{c.count}" for c in acts),
     )
 

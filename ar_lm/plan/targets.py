@@ -5,7 +5,9 @@ A target is a topology (`v5e:2x2`, `v5p:4x4x8`, `v4:2x2x2`, `v6e:8x8`) or an acc
 `compile_devices` asks libtpu (`pip install 'ar_lm[tpu]'`) for devices of that topology that can be compiled
 for but not run on, with JAX_PLATFORMS=cpu: no TPU is needed.
 
-Chip figures, per chip, from Google Cloud's TPU pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
+HBM per chip is what the TPU compiler lets one program use (the "available HBM" of its out-of-memory error:
+30.75, 15.75, 95.74 and 31.25 GiB on v4, v5e, v5p and v6e with libtpu 0.0.42). The other chip figures, per
+chip, are from Google Cloud's TPU pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
 bf16 peak, HBM capacity and bandwidth, bidirectional ICI bandwidth, and DCN bandwidth per chip (v5p: the
 page's per-chip figure; v5e and v6e: the host's NICs, 2 x 100 and 4 x 200 Gbit/s, over its 8 chips; v4: the
 page gives none, so v5p's is assumed).
@@ -28,7 +30,7 @@ GIB = 2**30
 class Chip:
     name: str
     bf16_flops: float  # FLOP/s per chip
-    hbm_bytes: float  # per chip
+    hbm_bytes: float  # per chip, available to a program (libtpu 0.0.42's limit)
     hbm_bw: float  # bytes/s per chip
     ici_bw: float  # bytes/s per chip, bidirectional, all links
     dcn_bw: float  # bytes/s per chip
@@ -36,17 +38,17 @@ class Chip:
     source: str
 
 
-CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 32 * GIB, 1200e9, 540e9, 50e9 / 8, 3,
+CHIPS = {  # hbm_bytes: what the TPU compiler lets one program use (its "available HBM"), below the capacity
+    "v4": Chip("TPU v4", 275e12, 30.75 * GIB, 1200e9, 540e9, 50e9 / 8, 3,
                "cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB at 1200 GB/s; ICI: 6 links of 45 GB/s each way "
                "(Austin et al. 2025, 'How to Scale Your Model', TPUs chapter); DCN assumed as v5p"),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GIB, 819e9, 400e9, 2 * 100e9 / 8 / 8, 2,
+    "v5e": Chip("TPU v5e", 197e12, 15.75 * GIB, 819e9, 400e9, 2 * 100e9 / 8 / 8, 2,
                 "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GB at 819 GB/s, ICI 400 GB/s, 2 x 100 Gbit/s "
                 "NICs per 8-chip host"),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GIB, 2765e9, 1200e9, 50e9 / 8, 3,
+    "v5p": Chip("TPU v5p", 459e12, 95.74 * GIB, 2765e9, 1200e9, 50e9 / 8, 3,
                 "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GiB at 2765 GB/s, ICI 1200 GB/s, DCN 50 Gbit/s "
                 "per chip"),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GIB, 1638e9, 800e9, 4 * 200e9 / 8 / 8, 2,
+    "v6e": Chip("TPU v6e", 918e12, 31.25 * GIB, 1638e9, 800e9, 4 * 200e9 / 8 / 8, 2,
                 "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GB at 1638 GB/s, ICI 800 GB/s, 4 x 200 Gbit/s "
                 "NICs per 8-chip host"),
 }
