@@ -41,9 +41,9 @@ def format_plan(p: Plan) -> str:
         f"settings    attention {p.settings['attention']}, remat {p.settings['remat']}, "
         f"compute {p.settings['compute_dtype']}",
         f"memory      {'fits' if p.fits else 'DOES NOT FIT'} in the {_gib(m['capacity'])} a program may use per device: "
-        f"arguments {_gib(m['arguments'])} + temporaries {_gib(m['temporaries'])} + code {_gib(m['code'])} = "
-        f"{_gib(m['total'])} (an upper bound of the peak; outputs {_gib(m['outputs'])}, {_gib(m['aliased'])} of "
-        "them donated)",
+        f"arguments {_gib(m['arguments'])} + temporaries {_gib(m['temporaries'])} + code {_gib(m['code'])} + "
+        f"outputs not donated {_gib(m['outputs'] - m['aliased'])} = {_gib(m['total'])} "
+        + ("(an upper bound of the peak)" if p.fits else "(the compiler's count)"),
     ]
     if not math.isnan(p.flops["compiled"]):
         ratio = p.flops["compiled"] / p.flops["model"] if p.flops["model"] else float("nan")

@@ -103,7 +103,7 @@ def parameter_sizes(abstract_params, n_layers: int, mesh_sizes) -> set[int]:
 
 def _advice(cfg: ExperimentConfig, memory: dict, capacity: float) -> str:
     """What to change so the step fits, from where its bytes go."""
-    gib = lambda b: f"{b / GIB:.1f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     m = cfg.mesh
     parts = []
     if memory["arguments"] > 0.5 * capacity:
