@@ -6,7 +6,7 @@
 points, their summary columns), `points` (what a fit reads),
 `fit` (approaches 1-3 with bootstrap intervals), `report` (`ar-lm fit`), `holdout` (the held-out
 check), `plots`, `compare` (`ar-lm compare`). Imports the base layer, `ar_lm.model`, `ar_lm.data`,
-`ar_lm.parallel` and `ar_lm.training`; not `ar_lm.decoding` or `ar_lm.interop`.
+`ar_lm.parallel`, `ar_lm.training` and `ar_lm.plan` (`sweep --plan`); not `ar_lm.decoding` or `ar_lm.interop`.
 
 Experiment files import the sweep definitions from here: ``from ar_lm.scaling import Sweep, ...``.
 """
