@@ -47,7 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto -> float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
-    remat: str = "auto"  # auto | none | full | dots (save matmul outputs); auto: dots on CPU with scan, else none
+    remat: str = "auto"  # auto | none | full | dots | dots_no_batch | offload (ar_lm.model.backend.resolve_remat)
     attention: str = "auto"  # auto | xla (hand-written masked softmax) | dot_product (jax.nn) | pallas (splash, TPU)
     parametrization: str = "sp"  # sp | mup (Yang et al. 2022; see ar_lm.model.mup)
     mup_base_width: int = 0  # mup: d_model of the base shape (where mup equals sp)
@@ -231,7 +231,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("gpt2", "llama"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.remat": ("auto", "none", "full", "dots"),
+    "model.remat": ("auto", "none", "full", "dots", "dots_no_batch", "offload"),
     "model.attention": ("auto", "xla", "dot_product", "pallas"),
     "model.parametrization": ("sp", "mup"),
     "train.nonfinite_policy": ("stop", "skip"),

@@ -58,6 +58,6 @@ def test_auto_policies_pick_the_cpu_fast_path():
     assert jax.default_backend() == "cpu"
     assert MB.resolve_compute_dtype(cfg) == jnp.float32 and MB.resolve_attention(cfg) == "xla"
     # remat: save matmul outputs under scan on CPU (measured faster), nothing to recompute unrolled
-    assert MB.resolve_remat(cfg) == "dots"
+    assert MB.resolve_remat(cfg) == "dots_no_batch"
     assert MB.resolve_remat(dataclasses.replace(cfg, scan_layers=False)) == "none"
     assert MB.cpu_compiler_options() == {"xla_backend_optimization_level": 1}

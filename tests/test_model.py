@@ -102,7 +102,7 @@ def _stack_layers(params, n_layers):
 
 
 @pytest.mark.parametrize("name,remat", [("gpt2", "none"), ("llama_gqa", "full"), ("llama_mqa_qknorm", "dots"),
-                                        ("gpt2", "auto")])
+                                        ("llama_gqa", "dots_no_batch"), ("gpt2", "auto")])
 def test_scan_and_remat_match_unscanned(name, remat):
     base = dataclasses.replace(CONFIGS[name], scan_layers=False)
     params = M.init_params_jit(base, jax.random.key(0))

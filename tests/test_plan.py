@@ -209,3 +209,24 @@ def test_plan_decode_step_reads_the_cache_sharded(tmp_path):
     p = plan(_small(attention="xla"), parse_target("v5e:2x2"), decode=True, hlo_dir=tmp_path)
     assert p.fits and p.step == "decode" and (tmp_path / "decode_step.hlo.txt").is_file()
     assert p.flops["compiled"] > 0 and p.roofline["bound"] == "hbm" and p.tokens_per_s_per_chip > 0
+
+
+def test_remat_policies_trade_temporaries_on_the_tpu_compiler(tmp_path):
+    """A 4-layer llama at seq 512 on v5p:2x2x1: saving less for the backward pass needs less HBM
+    (none > dots_no_batch > full), and offload moves the saved matmuls to host memory (fewer device
+    temporaries than dots_no_batch, host transfers in the HLO). On CPU, offload is refused in one line."""
+    from ar_lm.model.backend import resolve_remat
+
+    base = _small(attention="xla", seq=512, batch=16)
+    base = dataclasses.replace(base, model=dataclasses.replace(base.model, n_layers=4))
+    temps, texts = {}, {}
+    for remat in ("none", "dots_no_batch", "full", "offload"):
+        cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, remat=remat))
+        p = plan(cfg, parse_target("v5p:2x2x1"), hlo_dir=tmp_path / remat)
+        assert p.fits and p.settings["remat"] == remat
+        temps[remat] = p.memory["temporaries"]
+        texts[remat] = (tmp_path / remat / "train_step.hlo.txt").read_text()
+    assert temps["none"] > temps["dots_no_batch"] > temps["full"]
+    assert temps["offload"] < temps["dots_no_batch"] and "S(5)" in texts["offload"] and "S(5)" not in texts["none"]
+    with pytest.raises(UserError, match="offload"):
+        resolve_remat(dataclasses.replace(base.model, remat="offload"))

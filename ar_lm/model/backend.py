@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_lm.config import ModelConfig
+from ar_lm.errors import require
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("ar_lm_target_platform", default=None)
 
@@ -51,7 +52,11 @@ def resolve_attention(cfg: ModelConfig) -> str:
 
 
 def resolve_remat(cfg: ModelConfig) -> str:
-    """`auto`: `dots` on CPU when layers are scanned, else `none`.
+    """`auto`: `dots_no_batch` on CPU when layers are scanned, else `none`.
+
+    The policies (`model.remat`): `none` saves every activation; `dots` saves the outputs of all matmuls,
+    `dots_no_batch` those without batch dimensions (the weight matmuls, not attention's scores), `offload`
+    moves those to host memory until the backward pass (TPU/GPU), `full` saves only each layer's input.
 
     On XLA:CPU the backward of `nn.scan` stacks every saved activation of every layer into
     [n_layers, ...] buffers; saving only the matmul outputs and recomputing the cheap elementwise
@@ -59,7 +64,9 @@ def resolve_remat(cfg: ModelConfig) -> str:
     time.
     """
     if cfg.remat == "auto":
-        return "dots" if cfg.scan_layers and platform() == "cpu" else "none"
+        return "dots_no_batch" if cfg.scan_layers and platform() == "cpu" else "none"
+    require(cfg.remat != "offload" or platform() != "cpu", "model.remat=offload moves activations to host "
+            "memory, which a CPU run does not have: use dots_no_batch or full")
     return cfg.remat
 
 

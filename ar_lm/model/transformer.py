@@ -48,7 +48,10 @@ def _remat_block(cfg: ModelConfig):
         return Block
     policy = {
         "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        # the saved matmul outputs go to host memory and come back for the backward pass
+        "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
     }[remat]
     return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
 

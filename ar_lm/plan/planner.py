@@ -112,7 +112,7 @@ def _advice(cfg: ExperimentConfig, memory: dict, capacity: float) -> str:
                          "--set mesh.data=1)")
         parts.append("more chips (a larger --target, or --slices)")
     if memory["temporaries"] > 0.25 * capacity:
-        if resolve_remat(cfg.model) in ("none", "dots"):
+        if resolve_remat(cfg.model) in ("none", "dots", "dots_no_batch"):
             parts.append("--set model.remat=full")
         parts.append("a smaller micro-batch (--set optim.grad_accum=K or a smaller data.batch_size)")
         if m.tensor == 1:
