@@ -153,7 +153,7 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
             lowered, abstract_params, abstract_args = lower_train_step(cfg, mesh, rules,
                                                                        0 if cfg.data.document_mask else None)
         try:
-            compiled = _compile_uncached(lowered)
+            compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit in HBM
             oom = _oom_bytes(str(e))
             if oom is None and "RESOURCE_EXHAUSTED" not in str(e):
@@ -191,17 +191,6 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
         mfu_ceiling=flops["model"] / (step_s * chip.bf16_flops),
         activation_collectives=tuple(f"{c.kind} {' '.join(map(str, c.shapes))} x{c.count}" for c in acts),
     )
-
-
-def _compile_uncached(lowered):
-    """Compile without JAX's persistent cache (entries for TPU programs cannot be loaded without a TPU client,
-    which a process that enabled the cache would warn about)."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        return lowered.compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def collective_rows(collectives: list[Collective], target: Target) -> list[dict]:
