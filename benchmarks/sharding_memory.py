@@ -16,10 +16,10 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import numpy as np  # noqa: E402
 
 from ar_lm.config import DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig  # noqa: E402
 from ar_lm.model.counts import param_counts  # noqa: E402
+from ar_lm.plan.planner import per_device_bytes  # noqa: E402
 from ar_lm.training.step import compile_train_step  # noqa: E402
 
 PRESETS = {
@@ -33,15 +33,6 @@ SIZES = {
     "medium (d=512, 8 layers)": ModelConfig(family="llama", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, max_seq_len=256),
     "large (d=1024, 12 layers)": ModelConfig(family="llama", vocab_size=8192, d_model=1024, n_layers=12, n_heads=16, max_seq_len=256),
 }
-
-
-def per_device_bytes(tree) -> int:
-    """Bytes of one device's shard of every array in `tree` (abstract arrays with shardings)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shard = x.sharding.shard_shape(x.shape)
-        total += int(np.prod(shard)) * x.dtype.itemsize
-    return total
 
 
 def measure(model: ModelConfig, mesh_cfg: MeshConfig) -> dict:

@@ -119,8 +119,6 @@ class Collective:
     group_size: int
     count: int  # executions per step
     dcn: bool  # a group spans slices
-    computation: str
-    op_name: str  # the JAX operation it came from (metadata)
 
     @property
     def traffic_bytes(self) -> float:
@@ -166,7 +164,6 @@ class HloModule:
     """A compiled HLO module's text, parsed into computations with per-step multiplicities."""
 
     def __init__(self, text: str, slices: int = 1):
-        self.text = text
         self.computations: dict[str, list[Instruction]] = {}
         self.entry = ""
         current: Optional[list[Instruction]] = None
@@ -207,6 +204,15 @@ class HloModule:
     def multiplicity(self) -> dict[str, int]:
         """How many times each computation runs per execution of the entry: loop bodies x their trip count;
         fusions, calls, branches and async bodies x their caller's."""
+        return self._call_graph[0]
+
+    @cached_property
+    def fused(self) -> set[str]:
+        """The computations that run inside an instruction (fusion bodies, reducers), not on their own."""
+        return self._call_graph[1]
+
+    @cached_property
+    def _call_graph(self) -> tuple[dict[str, int], set[str]]:
         mult: dict[str, int] = {self.entry: 1}
         fused: set[str] = set()
         order = [self.entry]
@@ -230,13 +236,11 @@ class HloModule:
                     if callee and callee in self.computations:
                         mult[callee] = mult.get(callee, 0) + mult[comp] * times
                         order.append(callee)
-        self._fused = fused
-        return mult
+        return mult, fused
 
     @cached_property
-    def fused(self) -> set[str]:
-        self.multiplicity  # noqa: B018 - fills _fused
-        return self._fused
+    def _by_name(self) -> dict[str, Instruction]:
+        return {i.name: i for insts in self.computations.values() for i in insts}
 
     # -- FLOPs ------------------------------------------------------------------------------------
 
@@ -363,7 +367,7 @@ class HloModule:
                 dcn = _dcn_collective(inst)
                 if dcn and self.slices > 1:  # across slices: a host transfer to the Megascale runtime
                     found.append(Collective(dcn, tuple(inst.shape[:1]), inst.shape[0].bytes if inst.shape else 0.0,
-                                            self.slices, times, True, comp, dcn))
+                                            self.slices, times, True))
                     continue
                 base = inst.opcode.removesuffix("-done")
                 if base not in COLLECTIVES:
@@ -371,18 +375,15 @@ class HloModule:
                 kind = "reduce-scatter" if base == "all-reduce" and comp.startswith("all-reduce-scatter") else base
                 attrs = inst.attrs
                 if inst.opcode.endswith("-done"):  # the groups are on the matching -start
-                    start = next((i for c in self.computations.values() for i in c if i.name == inst.operands[0]),
-                                 None)
+                    start = self._by_name.get(inst.operands[0])
                     attrs = start.attrs if start else attrs
                 groups = replica_groups(attrs, self.n_partitions)
                 shape = inst.shape
                 if kind == "collective-permute" and len(shape) > 1:
                     shape = shape[1:2]
-                op_name = re.search(r'op_name="([^"]*)"', attrs)
                 size = 2 if kind == "collective-permute" else max(len(g) for g in groups)
                 buffer = sum(a.bytes for a in shape) * (size if inst.opcode.startswith("reduce-scatter") else 1)
-                found.append(Collective(kind, tuple(shape), buffer, size, times, False, comp,
-                                        op_name.group(1) if op_name else ""))
+                found.append(Collective(kind, tuple(shape), buffer, size, times, False))
         return found
 
 
