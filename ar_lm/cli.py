@@ -321,6 +321,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command in COMPILING or args.command in ("plan", "sweep"):
+        from ar_lm.parallel.runtime import set_backend_xla_flags
+
+        set_backend_xla_flags()  # before any backend starts
     if args.command in COMPILING:
         from ar_lm.parallel.runtime import enable_compilation_cache
 

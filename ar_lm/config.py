@@ -48,7 +48,8 @@ class ModelConfig:
     compute_dtype: str = "auto"  # auto -> float32 on CPU, bfloat16 on GPU/TPU
     scan_layers: bool = True
     remat: str = "auto"  # auto | none | full | dots | dots_no_batch | offload (ar_lm.model.backend.resolve_remat)
-    attention: str = "auto"  # auto | xla (hand-written masked softmax) | dot_product (jax.nn) | pallas (splash, TPU)
+    logits_chunk: int = 512  # cross-entropy over this many positions at a time (ar_lm.model.head; 0: all at once)
+    attention: str = "auto"  # auto | xla (masked softmax) | dot_product (jax.nn) | pallas (splash, GPU mha) | cudnn
     parametrization: str = "sp"  # sp | mup (Yang et al. 2022; see ar_lm.model.mup)
     mup_base_width: int = 0  # mup: d_model of the base shape (where mup equals sp)
     mup_base_head_dim: int = 0  # mup: head dim of the base shape (0: this model's; attention keeps 1/sqrt(dh))
@@ -215,7 +216,8 @@ FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
        for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")},
     "model.vocab_size": _zero_means("the dataset's"), "model.n_kv_heads": _zero_means("n_heads"),
     "model.d_ff": _zero_means("the family's"), "model.mup_base_width": _zero_means("no base shape"),
-    "model.mup_base_head_dim": _zero_means("this model's head dim"), "optim.clip_norm": _zero_means("off"),
+    "model.mup_base_head_dim": _zero_means("this model's head dim"),
+    "model.logits_chunk": _zero_means("all positions at once"), "optim.clip_norm": _zero_means("off"),
     **{k: _zero_means("at the end only") for k in ("train.eval_every", "train.checkpoint_every")},
     "train.eval_tokens": _zero_means(f"the whole split, up to EVAL_TOKENS_CAP={EVAL_TOKENS_CAP:,}"),
     **{k: _zero_means("all") for k in ("train.keep_checkpoints", "mesh.devices")},
@@ -232,7 +234,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.remat": ("auto", "none", "full", "dots", "dots_no_batch", "offload"),
-    "model.attention": ("auto", "xla", "dot_product", "pallas"),
+    "model.attention": ("auto", "xla", "dot_product", "pallas", "cudnn"),
     "model.parametrization": ("sp", "mup"),
     "train.nonfinite_policy": ("stop", "skip"),
     "optim.schedule": ("cosine", "wsd", "constant", "linear"),

@@ -6,7 +6,8 @@
 For every (size, seq, target, rule preset): the train step compiled for the slice (`ar_lm.plan.planner.plan`):
 fits or not, GiB per device, the collectives' traffic, the roofline step time and MFU ceiling. Global batch:
 2 sequences per chip at seq 2048 and 1 at 4096; remat full from 7B up, none below; attention and dtypes as the
-run resolves them on TPU (splash attention, bfloat16). Results are written as each cell finishes (a rerun
+run resolves them on TPU (splash attention, bfloat16, logits in chunks of 512 positions), under the TPU XLA
+flags a run takes (`ar_lm.parallel.runtime.TPU_XLA_FLAGS`). Results are written as each cell finishes (a rerun
 with the same --json skips the cells it holds), so a partial run still records what it measured.
 """
 
@@ -87,6 +88,9 @@ def main() -> None:
     ap.add_argument("--presets", default="fsdp,fsdp_tp,dp")
     ap.add_argument("--maxtext", action="store_true", help="also plan MaxText's published configurations (MAXTEXT)")
     args = ap.parse_args()
+    from ar_lm.parallel.runtime import set_backend_xla_flags
+
+    flags = set_backend_xla_flags()  # the TPU flags a run takes (LIBTPU_INIT_ARGS), before libtpu starts
     import jax
     import libtpu
 
@@ -94,7 +98,7 @@ def main() -> None:
     out = Path(args.json or Path(__file__).resolve().parent / "results" / f"tpu_plan_{date}_cpu{os.cpu_count()}.json")
     result = json.loads(out.read_text()) if out.is_file() else {
         "date": date, "cores": os.cpu_count(), "jax": jax.__version__, "libtpu": getattr(libtpu, "__version__", "?"),
-        "command": "python " + " ".join(sys.argv), "cells": {}}
+        "libtpu_init_args": flags.get("LIBTPU_INIT_ARGS", ""), "command": "python " + " ".join(sys.argv), "cells": {}}
     for preset in args.presets.split(","):
         for seq in (int(s) for s in args.seqs.split(",")):
             for target in args.targets.split(","):

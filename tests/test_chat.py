@@ -46,6 +46,7 @@ def _hf_tokenizer(template: str, specials: list[str], bos: str, eos: str):
     return tok
 
 
+@pytest.mark.torch  # transformers is the reference
 @pytest.mark.parametrize("template, specials, bos, eos", [
     (CHATML, ["<|im_start|>", "<|im_end|>"], "", "<|im_end|>"),
     (LLAMA3_STYLE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>"),

@@ -51,6 +51,7 @@ def test_end_to_end_subprocess(tmp_path, corpus_dir):
                          check=True, env=env, capture_output=True, text=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["finished"] and summary["step"] == 4
+    assert summary["xla_flags"] == ""  # recorded: on CPU none of ours (the GPU set goes only where CUDA is)
     for name in ("config.json", "metrics.jsonl", "summary.json", "tokenizer/tokenizer.model"):
         assert (run / name).is_file(), name
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run files"

@@ -16,6 +16,7 @@ from ar_lm.config import ExperimentConfig, ModelConfig
 from ar_lm.errors import UserError
 from ar_lm.model import attention as MA
 from ar_lm.model import transformer as M
+from ar_lm.model.gpu_attention import gpu_causal_attention
 from ar_lm.model.pallas_attention import pallas_causal_attention
 from ar_lm.training.evaluate import evaluate_run
 from ar_lm.training.loop import train
@@ -94,6 +95,7 @@ IMPLS = {
     "blocked_uneven": functools.partial(MA.causal_attention, bounds=[0, 40, 90, 128]),
     "dot_product": MA.dot_product_attention,
     "pallas": pallas_causal_attention,
+    "pallas_gpu": functools.partial(gpu_causal_attention, requested="pallas", interpret=True),  # Triton's, interpreted
 }
 
 

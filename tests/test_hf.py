@@ -13,20 +13,20 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import tiny_config
 
-from conftest import tiny_config  # noqa: E402
-
-from ar_lm.cli import main  # noqa: E402
-from ar_lm.config import load_json  # noqa: E402
-from ar_lm.data.dataset import TokenDataset  # noqa: E402
-from ar_lm.data.pipeline import eval_batches  # noqa: E402
-from ar_lm.errors import UserError  # noqa: E402
+from ar_lm.cli import main
+from ar_lm.config import load_json
+from ar_lm.data.dataset import TokenDataset
+from ar_lm.data.pipeline import eval_batches
+from ar_lm.errors import UserError
 from ar_lm.interop.hf import export_hf, import_hf, load_run_params
-from ar_lm.interop.hf_weights import params_from_hf  # noqa: E402
-from ar_lm.model import transformer as M  # noqa: E402
-from ar_lm.training.loop import train  # noqa: E402
+from ar_lm.interop.hf_weights import params_from_hf
+from ar_lm.model import transformer as M
+from ar_lm.training.loop import train
+
+# torch and transformers are imported inside the tests marked `torch` (the `test` extra), so that the rest of
+# this module runs where they are not installed (`pytest -m "not torch"` with the `test-core` extra)
 
 TOL = 1e-4  # max abs logit difference in float32 (measured: 2e-6 to 7e-6 on imports, about 1e-6 on exports)
 VOCAB = 101
@@ -44,6 +44,8 @@ CONFIGS = {  # name -> (transformers class name, config kwargs)
 
 def hf_model(name: str, vocab: int = VOCAB, seed: int = 0, bos: int = 0, eos: int = 0):
     """A transformers model with random, non-trivial weights, in eval mode."""
+    import torch
+    import transformers
     kind, kwargs = CONFIGS[name]
     config = getattr(transformers, f"{kind}Config")(vocab_size=vocab, initializer_range=0.2, bos_token_id=bos,
                                                     eos_token_id=eos, **kwargs)
@@ -62,6 +64,7 @@ def ar_logits(cfg, params, tokens_BxL):
 
 
 def hf_logits(model, tokens_BxL) -> np.ndarray:
+    import torch
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens_BxL), dtype=torch.long)).logits.numpy()
 
@@ -80,6 +83,7 @@ def import_model(tmp_path, name: str, model):
 
 def load_without_warnings(out_dir, capfd):
     """AutoModelForCausalLM.from_pretrained, asserting nothing is missing, unexpected or mismatched."""
+    import transformers
     capfd.readouterr()
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -88,6 +92,7 @@ def load_without_warnings(out_dir, capfd):
     return model.eval()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_import_matches_transformers_logits(tmp_path, name):
     model = hf_model(name)
@@ -100,8 +105,12 @@ def test_import_matches_transformers_logits(tmp_path, name):
     assert scale > 1.0 and diff <= TOL, f"{name}: max |logit difference| {diff:.2e} (logits up to {scale:.1f})"
 
 
+@pytest.mark.torch
 def test_import_bfloat16_shards_and_sentencepiece_tokenizer(tmp_path, corpus_dir):
     """A bfloat16 checkpoint in several safetensors shards, with a sentencepiece tokenizer.model."""
+    import torch
+    import transformers
+
     from ar_lm.data.tokenizers import SentencePieceTokenizer, load_tokenizer
     from ar_lm.interop.hf import find_tokenizer
 
@@ -122,6 +131,7 @@ def test_import_bfloat16_shards_and_sentencepiece_tokenizer(tmp_path, corpus_dir
     assert meta is None and "the run has no text tokenizer" in note
 
 
+@pytest.mark.torch
 def test_imported_llama_prompts_start_with_its_bos_id(tmp_path, corpus_dir, capsys):
     from ar_lm.cli import main
     from ar_lm.data.tokenizers import SentencePieceTokenizer
@@ -139,8 +149,11 @@ def test_imported_llama_prompts_start_with_its_bos_id(tmp_path, corpus_dir, caps
     assert out["prompt_tokens"] == [bos] + tok.encode("the cat")
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied"])
 def test_greedy_decoding_equals_transformers_generate(tmp_path, name):
+    import torch
+
     from ar_lm.decoding import generate
 
     model = hf_model(name)
@@ -153,7 +166,9 @@ def test_greedy_decoding_equals_transformers_generate(tmp_path, name):
     assert ours == ref
 
 
+@pytest.mark.torch
 def test_per_token_logprobs_and_chain_rule(tmp_path):
+    import torch
     model = hf_model("llama_gqa_untied")
     cfg, params = import_model(tmp_path, "llama", model)
     seq_1xT = np.random.default_rng(2).integers(0, VOCAB, (1, 40))
@@ -167,9 +182,11 @@ def test_per_token_logprobs_and_chain_rule(tmp_path):
     assert float(ours_T.astype(np.float64).sum()) == pytest.approx(-39 * mean_nll, rel=1e-5, abs=1e-4)
 
 
+@pytest.mark.torch
 def test_round_trip_import_eval_finetune_export(tmp_path, byte_data, capfd):
     """HF GPT-2 (byte vocabulary) -> ar_lm run -> `ar-lm eval` (= transformers' loss) -> a few steps of
     ar_lm training -> export -> transformers loads it without warnings, same logits -> import again."""
+    import torch
     model = hf_model("gpt2_tied", vocab=257)
     model.save_pretrained(tmp_path / "hf")
     run = tmp_path / "run"
@@ -205,6 +222,7 @@ def test_round_trip_import_eval_finetune_export(tmp_path, byte_data, capfd):
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, again, params)))
 
 
+@pytest.mark.torch
 def test_export_of_ar_lm_trained_llama_loads_in_transformers(tmp_path, byte_data, capfd):
     """(The round trip above exports an ar_lm-trained GPT-2.)"""
     cfg = tiny_config(byte_data, model={"family": "llama", "n_kv_heads": 2, "tie_embeddings": False}, train={"steps": 4})
@@ -243,6 +261,7 @@ def _hf_dir(tmp_path, name, config_changes=None, weights=True, model="gpt2_tied"
     return path
 
 
+@pytest.mark.torch
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capfd):
     from ar_lm.training.rundir import write_config
 
@@ -293,6 +312,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capfd):
     assert [p.name for p in nonempty.iterdir()] == ["keep.txt"] and (nonempty / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.torch
 def test_unsupported_weights_are_named():
     """A Llama checkpoint with attention biases but a config that says none: the extra weight is named."""
     from ar_lm.interop.hf_config import model_config_from_hf

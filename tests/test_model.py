@@ -218,3 +218,33 @@ def test_decode_attention_accumulates_scores_in_float32_under_bf16():
     out = MA.xla_attention(q, heads_first(k), heads_first(v), mask)
     assert out.dtype == jnp.bfloat16
     assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) < 0.1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])  # tied and untied unembedding
+def test_cross_entropy_over_chunks_of_positions_equals_the_whole_with_gradients(name):
+    """12 targets in chunks of 5 (the last one padded): the same loss and gradients as all at once, and the
+    chunked program never holds float32 logits of all positions."""
+    whole = dataclasses.replace(CONFIGS[name], logits_chunk=0)
+    chunked = dataclasses.replace(whole, logits_chunk=5)
+    params = M.init_params(whole, jax.random.key(0))
+    tokens = _tokens(whole, l=13)
+    loss, grads = loss_and_grads(whole, params, tokens)
+    loss_c, grads_c = loss_and_grads(chunked, params, tokens)
+    np.testing.assert_allclose(float(loss_c), float(loss), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_c, grads)
+
+    def shapes(cfg):
+        jaxpr = jax.make_jaxpr(lambda p: loss_and_grads.__wrapped__(cfg, p, tokens))(params)
+        return {tuple(v.aval.shape) for eq in _all_eqns(jaxpr.jaxpr) for v in eq.outvars}
+
+    assert (2, 12, whole.vocab_size) in shapes(whole)
+    assert (2, 12, whole.vocab_size) not in shapes(chunked) and (2, 5, whole.vocab_size) in shapes(chunked)
+
+
+def _all_eqns(jaxpr):  # every equation, in nested jaxprs too (pjit, scan, checkpoint, custom_vjp)
+    for eq in jaxpr.eqns:
+        yield eq
+        for param in eq.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)

@@ -90,7 +90,7 @@ def test_model_with_pallas_attention_matches_xla():
 
 def test_auto_picks_pallas_on_tpu_and_keeps_masked_attention_for_decoding(monkeypatch):
     cfg = ModelConfig(n_heads=4, n_kv_heads=2)
-    for backend, expected in (("cpu", "xla"), ("gpu", "dot_product"), ("tpu", "pallas")):
+    for backend, expected in (("cpu", "xla"), ("gpu", "cudnn"), ("tpu", "pallas")):
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
         assert MB.resolve_attention(cfg) == expected
     # positions of keys given (a KV-cache step): the masked XLA attention, also under pallas

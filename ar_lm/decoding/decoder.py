@@ -37,6 +37,7 @@ import numpy as np
 from ar_lm.config import ModelConfig
 from ar_lm.decoding.sampling import GREEDY, Sampling, sample_logits, token_logprob
 from ar_lm.errors import require
+from ar_lm.model import head
 from ar_lm.model.backend import platform
 from ar_lm.model.transformer import CACHE_AXES, apply, init_cache, relayout_layers
 
@@ -102,7 +103,8 @@ def constrain_cache(cache):
 
 
 def prefill(cfg: ModelConfig, params, prompt_BxP: Array, lens_B: Array, cache_len: int):
-    """One forward pass over the left-padded prompts into a fresh cache of `cache_len` slots.
+    """One forward pass over the left-padded prompts into a fresh cache of `cache_len` slots, attention by
+    the model's training kernels (flash attention on GPU/TPU), logits at the last position only.
 
     Returns (logits_BxV at each row's last prompt token, cache, kv_pos_BxS)."""
     b, p = prompt_BxP.shape
@@ -111,11 +113,11 @@ def prefill(cfg: ModelConfig, params, prompt_BxP: Array, lens_B: Array, cache_le
     kv_pos_BxS = nn.with_logical_constraint(kv_pos_BxS, ("batch", None))
     cache = constrain_cache(init_cache(cfg, b, cache_len))
     prompt_BxP = nn.with_logical_constraint(prompt_BxP, ("batch", "length"))
-    logits_BxPxV, cache = apply(
+    x_BxPxD, cache = apply(  # segment ids: padding 0, prompt 1, so the prompt attends through the kernels
         cfg, params, prompt_BxP, positions_BxL=jnp.maximum(pos_BxP, 0), cache=cache, cache_index=0,
-        kv_positions_BxS=kv_pos_BxS,
+        kv_positions_BxS=kv_pos_BxS, segment_ids_BxL=(pos_BxP >= 0).astype(jnp.int32), hidden=True,
     )
-    return logits_BxPxV[:, -1], constrain_cache(cache), kv_pos_BxS
+    return head.logits(cfg, params, x_BxPxD[:, -1:])[:, 0], constrain_cache(cache), kv_pos_BxS
 
 
 def for_decoding(cfg: ModelConfig, params):

@@ -12,6 +12,8 @@ implementations, and positions restart at each segment's start (`segment_positio
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from ar_lm.config import ModelConfig
 from ar_lm.model import cpu_kernels
 from ar_lm.model.backend import platform, resolve_attention, resolve_compute_dtype
+from ar_lm.model.gpu_attention import gpu_causal_attention
 from ar_lm.model.layers import RMSNorm, hidden_initializers, param, rope
 from ar_lm.model.mup import query_multiplier
 from ar_lm.model.pallas_attention import pallas_causal_attention
@@ -149,6 +152,13 @@ def _cache_kernel_applies(impl: str, dtype, cache, q_BxLxHxDh) -> bool:
             and (mesh.empty or mesh.size == 1) and cpu_kernels.available())
 
 
+def causal_kernel(impl: str):
+    """The causal self-attention function of `model.attention` (resolved): the same contract for every one."""
+    if impl == "cudnn" or (impl == "pallas" and platform() == "gpu"):
+        return functools.partial(gpu_causal_attention, requested=impl)
+    return {"dot_product": dot_product_attention, "pallas": pallas_causal_attention}.get(impl, causal_attention)
+
+
 def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, cache, layer, kv_pos_BxS,
            cache_index, segment_ids_BxL=None):
     """Attention output [B, L, H, Dh] for a chunk's projected queries, keys and values, and the new cache.
@@ -156,15 +166,20 @@ def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, 
     No positions of keys (`kv_pos_BxS` None): plain causal self-attention over 0..L-1. With a cache, the
     chunk is written into slice `layer` at `cache_index` (in place, a loop carry) and attention reads the
     whole slice, masked by the position of each slot (a CPU decode step: only the valid slots, in place,
-    `cpu_kernels.decode_attention`). `segment_ids_BxL` (no cache only): attention stays inside each segment."""
+    `cpu_kernels.decode_attention`). `segment_ids_BxL`: attention stays inside each segment; with a cache (a
+    prefill, written at slot 0 of an empty cache) the chunk attends within itself through `causal_kernel`,
+    like training, with the padding in a segment of its own."""
     dtype = resolve_compute_dtype(cfg)
     impl = resolve_attention(cfg)
+    prefill = cache is not None and segment_ids_BxL is not None
     if cache is None:  # keys and values are the chunk itself
         k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxLxKxDh, v_BxLxKxDh))
         new_cache = None
     else:  # write the chunk into slice `layer` of the whole cache (in place, a carry), then read it
         new_cache = {n: write_cache(cache[n], layer, cache_index, new.transpose(0, 2, 1, 3))
                      for n, new in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh))}
+        if prefill:  # the chunk is all the cache holds: attend within it, by the training kernels
+            return causal_kernel(impl)(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL), new_cache
         if _cache_kernel_applies(impl, dtype, new_cache, q_BxLxHxDh):  # reads the slice in place
             out_BxLxHxDh = cpu_kernels.decode_attention(q_BxLxHxDh, new_cache["k"], new_cache["v"], layer,
                                                         positions_BxL, kv_pos_BxS)
@@ -174,8 +189,7 @@ def attend(cfg: ModelConfig, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, 
 
     dot_product = impl == "dot_product"
     if kv_pos_BxS is None:  # training/scoring: plain causal over positions 0..L-1, no cache
-        causal = {"dot_product": dot_product_attention, "pallas": pallas_causal_attention}.get(impl, causal_attention)
-        return causal(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL), new_cache
+        return causal_kernel(impl)(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL), new_cache
     mask_BxLxS = attention_mask(positions_BxL, kv_pos_BxS)
     if segment_ids_BxL is not None:  # positions given without a cache: keys are the chunk itself
         mask_BxLxS = mask_BxLxS & segment_mask(segment_ids_BxL)

@@ -43,16 +43,19 @@ def resolve_compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 def resolve_attention(cfg: ModelConfig) -> str:
-    """`auto`: the Pallas splash-attention kernel on TPU (`ar_lm.model.pallas_attention`, for training and
-    scoring; KV-cache decoding keeps the masked softmax), `jax.nn.dot_product_attention` on GPU (cuDNN flash
-    attention), the hand-written masked softmax on CPU."""
+    """`auto`: the Pallas splash-attention kernel on TPU (`ar_lm.model.pallas_attention`), cuDNN's fused
+    attention on GPU (`ar_lm.model.gpu_attention`: the Pallas GPU kernel for document masks and the shapes
+    cuDNN cannot take), the hand-written masked softmax on CPU. The kernels serve training, scoring and
+    prefill; a KV-cache decode step keeps the masked softmax."""
     if cfg.attention == "auto":
-        return {"tpu": "pallas", "gpu": "dot_product"}.get(platform(), "xla")
+        return {"tpu": "pallas", "gpu": "cudnn"}.get(platform(), "xla")
     return cfg.attention
 
 
 def resolve_remat(cfg: ModelConfig) -> str:
-    """`auto`: `dots_no_batch` on CPU when layers are scanned, else `none`.
+    """`auto`: `dots_no_batch` on CPU when layers are scanned, else `none`. On a GPU/TPU `auto` is settled by
+    compiling instead, where a compile is possible: the fastest policy whose step fits the device's memory
+    (`ar_lm.training.step.fitting_remat`, at the start of training and in `ar-lm plan`).
 
     The policies (`model.remat`): `none` saves every activation; `dots` saves the outputs of all matmuls,
     `dots_no_batch` those without batch dimensions (the weight matmuls, not attention's scores), `offload`

@@ -75,15 +75,21 @@ def pallas_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, interpret: bool 
             "use model.attention=xla")
     if interpret is None:
         interpret = platform() != "tpu"
-    batch_axes, head_axes = _sharded_axes(b, kh)
+    return per_device(lambda q, k, v, seg: _splash(q, k, v, seg, interpret), q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
+                      segment_ids_BxL)
+
+
+def per_device(kernel, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=None) -> Array:
+    """`kernel(q, k, v, segment_ids)` (an attention kernel with no partitioning rule, like a Pallas or cuDNN
+    call) run by each device on its own rows and heads (`jax.shard_map` over the mesh axes that the logical
+    rules give the batch and the heads), so no device gathers the others' queries, keys or values."""
+    batch_axes, head_axes = _sharded_axes(q_BxLxHxDh.shape[0], k_BxLxKxDh.shape[2])
     if not batch_axes and not head_axes:  # one device, or nothing to split: the kernel over the whole arrays
-        return _splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, interpret)
-    # a Pallas kernel has no partitioning rule: each device runs it on its own rows and heads (shard_map)
+        return kernel(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
     qkv_spec = P(batch_axes or None, None, head_axes or None, None)
-    seg_spec = P(batch_axes or None, None)
-    local = lambda q, k, v, seg: _splash(q, k, v, seg, interpret)  # noqa: E731
-    return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, None if segment_ids_BxL is None else seg_spec),
-                         out_specs=qkv_spec, check_vma=False)(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
+    seg_spec = None if segment_ids_BxL is None else P(batch_axes or None, None)
+    return jax.shard_map(kernel, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec,
+                         check_vma=False)(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
 
 
 def _sharded_axes(batch: int, kv_heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:

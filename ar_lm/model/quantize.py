@@ -64,17 +64,19 @@ def as_matrix(w, k: int):
     return w.reshape(k, -1)
 
 
-def matmul(x_xK: Array, w, dtype, transposed: bool = False) -> Array:
-    """x @ w for a 2-D weight w [K, N] (`transposed`: w [N, K], x @ w.T), float or `QuantizedArray`, in `dtype`.
+def matmul(x_xK: Array, w, dtype, transposed: bool = False, out_dtype=None) -> Array:
+    """x @ w for a 2-D weight w [K, N] (`transposed`: w [N, K], x @ w.T), float or `QuantizedArray`, in `dtype`
+    (accumulated and returned in `out_dtype` when given: `preferred_element_type`).
     Int8 weights times float32 x with at most KERNEL_ROWS rows (decode steps) on CPU go through the int8 kernel
     (`ar_lm.model.cpu_kernels`), which reads the int8 weights; otherwise they are dequantised first."""
     rows = x_xK.size // x_xK.shape[-1]
     if (isinstance(w, QuantizedArray) and rows <= KERNEL_ROWS and jnp.dtype(dtype) == jnp.float32
             and platform() == "cpu" and cpu_kernels.available()):
         y = cpu_kernels.int8_matmul(x_xK.reshape(rows, -1).astype(jnp.float32), w.q, w.scale.reshape(-1), transposed)
-        return y.reshape(*x_xK.shape[:-1], y.shape[-1])
+        y = y.reshape(*x_xK.shape[:-1], y.shape[-1])
+        return y if out_dtype is None else y.astype(out_dtype)
     w = dequantize(w).astype(dtype)
-    return x_xK.astype(dtype) @ (w.T if transposed else w)
+    return jnp.matmul(x_xK.astype(dtype), w.T if transposed else w, preferred_element_type=out_dtype)
 
 
 def embed_lookup(embed_VxD, tokens: Array) -> Array:

@@ -17,8 +17,8 @@ from ar_lm.config import ModelConfig
 from ar_lm.model.attention import Attention, segment_positions
 from ar_lm.model.backend import resolve_compute_dtype, resolve_remat
 from ar_lm.model.layers import Mlp, make_norm, param
-from ar_lm.model.mup import output_multiplier
-from ar_lm.model.quantize import embed_lookup, matmul
+from ar_lm.model import head
+from ar_lm.model.quantize import embed_lookup
 
 Array = jax.Array
 Cache = dict  # {"k": [n_layers, B, K, S, Dh], "v": [n_layers, B, K, S, Dh]}
@@ -88,8 +88,12 @@ class Transformer(nn.Module):
     or one slot per row of shape [B]) and returns (logits, new_cache); `kv_positions_BxS` gives the position held by each cache slot
     after the write (-1 for empty/padding slots).
 
-    Without a cache, `segment_ids_BxL` (e.g. `attention.document_segment_ids`) keeps attention inside each
-    segment, and positions (when not given) restart at 0 at every segment's start (`segment_positions`).
+    `hidden=True` returns the final (normed) hidden states [B, L, D] instead of the logits (`ar_lm.model.head`
+    turns them into logits, or into a cross-entropy over chunks of positions).
+
+    `segment_ids_BxL` (e.g. `attention.document_segment_ids`) keeps attention inside each segment, and
+    positions (when not given) restart at 0 at every segment's start (`segment_positions`). With a cache they
+    mark a prefill: the chunk goes to slot 0 of an empty cache and attends within itself (`attention.attend`).
     """
 
     cfg: ModelConfig
@@ -103,6 +107,7 @@ class Transformer(nn.Module):
         cache_index: Optional[Array] = None,
         kv_positions_BxS: Optional[Array] = None,
         segment_ids_BxL: Optional[Array] = None,
+        hidden: bool = False,
     ):
         cfg = self.cfg
         dtype = resolve_compute_dtype(cfg)
@@ -110,8 +115,6 @@ class Transformer(nn.Module):
         b, l = tokens_BxL.shape
         if cache is None:  # keys are the chunk itself; None means plain causal over 0..L-1
             kv_positions_BxS = positions_BxL
-        elif segment_ids_BxL is not None:
-            raise ValueError("segment_ids_BxL is for scoring without a KV cache")
         if positions_BxL is None and segment_ids_BxL is not None:
             positions_BxL = segment_positions(segment_ids_BxL)
         if positions_BxL is None:
@@ -134,19 +137,13 @@ class Transformer(nn.Module):
 
         x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
-            logits_BxLxV = matmul(x_BxLxD, embed_VxD, dtype, transposed=True)
+            w, transposed = embed_VxD, True
         else:
-            unembed_DxV = param(
-                self, "unembed", nn.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
-                ("embed", "vocab"), pdt,
-            )
-            logits_BxLxV = matmul(x_BxLxD, unembed_DxV, dtype)
-        if output_multiplier(cfg) != 1.0:  # muP: logits scaled by base_width / width
-            logits_BxLxV = logits_BxLxV * output_multiplier(cfg)
-        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
-        if cache is None:
-            return logits_BxLxV
-        return logits_BxLxV, new_cache
+            w = param(self, "unembed", nn.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
+                      ("embed", "vocab"), pdt)
+            transposed = False
+        out_BxLxV = x_BxLxD if hidden else head.project(cfg, x_BxLxD, w, transposed)
+        return out_BxLxV if cache is None else (out_BxLxV, new_cache)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
@@ -179,7 +176,8 @@ def init_params_jit(cfg: ModelConfig, rng: Array):
 
 
 def apply(cfg: ModelConfig, params, tokens_BxL: Array, **kwargs):
-    """Forward pass: logits [B, L, V] in float32 (and the new cache if one is passed)."""
+    """Forward pass: logits [B, L, V] in float32, or with `hidden=True` the final hidden states [B, L, D]
+    (and the new cache if one is passed)."""
     return make_model(cfg).apply({"params": params}, tokens_BxL, **kwargs)
 
 

@@ -36,7 +36,7 @@ from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.plan.hlo import Collective, HloModule
 from ar_lm.plan.targets import GIB, Target, compile_devices
 from ar_lm.training.loop import check_parallelism
-from ar_lm.training.step import lower_train_step
+from ar_lm.training.step import compiled_memory, fitting_remat, lower_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +134,28 @@ def _oom_bytes(message: str) -> Optional[tuple[float, float]]:
     return float(m.group(2)) * _UNITS[m.group(3)], float(m.group(4)) * _UNITS[m.group(5)]
 
 
+def _compile(cfg: ExperimentConfig, mesh, rules, decode: bool):
+    """(bytes per device or None, (compiled or None, the compiler's out-of-memory bytes, abstract params,
+    abstract arguments)) of the train or decode step; a program refused for lack of HBM is not an error."""
+    if decode:
+        lowered, abstract_params, abstract_args = lower_decode_step(cfg, mesh, rules)
+    else:  # the eos id a document mask needs changes no shape
+        eos_id = 0 if cfg.data.document_mask else None
+        lowered, abstract_params, abstract_args = lower_train_step(cfg, mesh, rules, eos_id)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit in HBM
+        oom = _oom_bytes(str(e))
+        if oom is None and "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, (None, oom, abstract_params, abstract_args)
+    return compiled_memory(compiled)["total"], (compiled, None, abstract_params, abstract_args)
+
+
 def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: Optional[Path] = None) -> Plan:
     """Compile `cfg`'s train step (or decode step) for `target` and report memory, FLOPs, collectives and a
-    roofline. Raises `UserError` for a config or mesh the target cannot take."""
+    roofline; `model.remat=auto` takes the fastest policy that fits the chip's HBM (`fitting_remat`). Raises
+    `UserError` for a config or mesh the target cannot take."""
     require(cfg.model.vocab_size > 0, "model.vocab_size=0 takes the dataset's vocabulary: pass --data DATA_DIR "
                                       "or --set model.vocab_size=N")
     devices = compile_devices(target)
@@ -145,30 +164,17 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
     chip = target.chip
     with target_platform("tpu"):
         mesh, rules = check_parallelism(cfg, devices)
+        cfg, (compiled, oom, abstract_params, abstract_args) = fitting_remat(
+            cfg, lambda c: _compile(c, mesh, rules, decode), chip.hbm_bytes)
         settings = {"attention": resolve_attention(cfg.model), "remat": resolve_remat(cfg.model),
                     "compute_dtype": str(np.dtype(resolve_compute_dtype(cfg.model)))}
-        if decode:
-            lowered, abstract_params, abstract_args = lower_decode_step(cfg, mesh, rules)
-        else:  # the eos id a document mask needs changes no shape
-            lowered, abstract_params, abstract_args = lower_train_step(cfg, mesh, rules,
-                                                                       0 if cfg.data.document_mask else None)
-        try:
-            compiled = lowered.compile()
-        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit in HBM
-            oom = _oom_bytes(str(e))
-            if oom is None and "RESOURCE_EXHAUSTED" not in str(e):
-                raise
+        if compiled is None:
             return _not_fitting(cfg, target, decode, mesh, settings, oom, per_device_bytes(abstract_args))
     if hlo_dir is not None:
         hlo_dir = Path(hlo_dir)
         hlo_dir.mkdir(parents=True, exist_ok=True)
         (hlo_dir / f"{'decode' if decode else 'train'}_step.hlo.txt").write_text(compiled.as_text())
-    mem = compiled.memory_analysis()
-    memory = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
-              "outputs": mem.output_size_in_bytes, "aliased": mem.alias_size_in_bytes,
-              "code": mem.generated_code_size_in_bytes}
-    memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
-    memory["capacity"] = chip.hbm_bytes
+    memory = compiled_memory(compiled) | {"capacity": chip.hbm_bytes}
 
     module = HloModule(compiled.as_text(), target.slices)
     collectives = module.collectives()

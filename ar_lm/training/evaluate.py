@@ -26,6 +26,7 @@ from ar_lm.data.dataset import TokenDataset
 from ar_lm.data.media import METRIC_LABELS, modality_metric_name
 from ar_lm.data.pipeline import eval_batches, require_split, strided_batches
 from ar_lm.errors import require
+from ar_lm.model import head
 from ar_lm.model.backend import cpu_compiler_options
 from ar_lm.model.transformer import apply
 from ar_lm.parallel.mesh import inference_mesh, logical_rules, logical_sharding, make_mesh, mesh_context, replicated
@@ -42,9 +43,10 @@ def make_eval_step(cfg: ExperimentConfig, param_shardings, batch_sharding, eos_i
         batch_BxL1, loss_BxL = split_loss_mask(batch_BxL1)  # a chat dataset's masked targets score nothing
         weight_BxL = weight_BxL * loss_BxL
         inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
-        logits_BxLxV = apply(cfg.model, params, inputs_BxL, segment_ids_BxL=window_segment_ids(cfg, inputs_BxL, eos_id))
-        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
-        nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+        x_BxLxD = apply(cfg.model, params, inputs_BxL, segment_ids_BxL=window_segment_ids(cfg, inputs_BxL, eos_id),
+                        hidden=True)
+        lse_BxL, target_logit_BxL = head.logit_stats(cfg.model, params, x_BxLxD, targets_BxL)
+        nll_BxL = lse_BxL - target_logit_BxL
         nll_BxL = jnp.where(weight_BxL > 0, nll_BxL.astype(jnp.float32), 0.0)  # padding scores nothing
         return {
             "nll_B": jnp.sum(nll_BxL, axis=1),  # one sum per window

@@ -23,6 +23,7 @@ from ar_lm.errors import NonFiniteError, UserError, require
 from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.model.transformer import relayout_layers
 from ar_lm.parallel.mesh import data_parallel_size, logical_rules, logical_sharding, make_mesh, mesh_context
+from ar_lm.parallel.runtime import backend_xla_flags
 from ar_lm.training import rundir
 from ar_lm.training.branch import start_branch
 from ar_lm.training.checkpoint import Checkpointer
@@ -31,7 +32,7 @@ from ar_lm.training.metrics import RunLogger, eval_set_records, peak_flops_per_d
 from ar_lm.training.optimizer import run_optimizer
 from ar_lm.training.scheduled_sampling import SS_METRICS
 from ar_lm.training.state import abstract_state, init_state, state_shardings
-from ar_lm.training.step import make_train_step
+from ar_lm.training.step import make_train_step, remat_for_device_memory
 
 
 @dataclasses.dataclass
@@ -85,6 +86,7 @@ def train(
     dataset = TokenDataset(cfg.data.path)
     cfg = prepare_config(cfg, dataset)
     check_parallelism(cfg)
+    cfg = remat_for_device_memory(cfg, dataset.eos_id)  # model.remat=auto on GPU/TPU: by compiled memory
     pipelines = _pipelines(cfg, dataset)  # every check passes before the first write
     run_dir.mkdir(parents=True, exist_ok=True)
     # process 0 holds the run directory's lock for the whole multi-process run
@@ -356,6 +358,7 @@ def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, fi
         "flops": fpt * final_step * tokens_per_step,
         "wall_time_s": time.time() - t_start,
         "devices": jax.device_count(),
+        "xla_flags": backend_xla_flags(),
         "time_to_first_step_s": first_step_time,
         "first_step_s": log.first_step_s,
         "mfu": (log.timed_steps * tokens_per_step * fpt / run.peak_flops / log.train_time

@@ -42,7 +42,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 
 
 # how fast a run computes, not what: they may change on resume
-SPEED_FIELDS = ("model.remat", "model.attention", "model.scan_layers", "model.compute_dtype")
+SPEED_FIELDS = ("model.remat", "model.attention", "model.logits_chunk", "model.scan_layers", "model.compute_dtype")
 DATA_ORDER_FIELDS = ("data.seq_len", "data.batch_size", "data.shuffle_seed")
 DATA_FUNCTION_FIELDS = ("data.document_mask",)  # what the model computes on the same windows
 TRAINING_FIELDS = ("train.steps", "train.tokens", "train.seed",  # with all of optim: the updates so far

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -11,13 +12,16 @@ import optax
 
 from ar_lm.config import ExperimentConfig
 from ar_lm.data.dataset import NO_LOSS_BIT
+from ar_lm.model import head
 from ar_lm.model.attention import document_segment_ids
-from ar_lm.model.backend import cpu_compiler_options
+from ar_lm.model.backend import cpu_compiler_options, platform
 from ar_lm.model.transformer import apply
 from ar_lm.parallel.mesh import logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.training.optimizer import run_optimizer
 from ar_lm.training.scheduled_sampling import SS_METRICS, ss_inputs
 from ar_lm.training.state import abstract_state, state_shardings
+
+MEMORY_HEADROOM = 0.9  # of a device's memory a step may plan for (the allocator and other buffers take the rest)
 
 
 def window_segment_ids(cfg: ExperimentConfig, inputs_BxL: jax.Array, eos_id: Optional[int]) -> Optional[jax.Array]:
@@ -47,17 +51,17 @@ def masked_mean(x_BxL: jax.Array, weight_BxL: jax.Array) -> jax.Array:
 
 def loss_fn(params, batch_BxL1: jax.Array, cfg: ExperimentConfig, eos_id: Optional[int] = None,
             fed_BxL: Optional[jax.Array] = None):
-    """Mean next-token cross-entropy over the batch's targets with loss (all but a chat dataset's masked ones,
-    `split_loss_mask`), plus `z_loss * mean(logsumexp^2)` over the same; attention stays
-    inside documents under `data.document_mask` (see `window_segment_ids`). `fed_BxL`: inputs fed instead
-    of the true ones (scheduled sampling's mixed inputs; targets and segments stay the true ones)."""
+    """Mean next-token cross-entropy (over chunks of positions: `head.logit_stats`) over the batch's targets
+    with loss (all but a chat dataset's masked ones, `split_loss_mask`), plus `z_loss * mean(logsumexp^2)`
+    over the same; attention stays inside documents under `data.document_mask` (see `window_segment_ids`).
+    `fed_BxL`: inputs fed instead of the true ones (scheduled sampling's mixed inputs; targets and segments
+    stay the true ones)."""
     batch_BxL1, weight_BxL = split_loss_mask(batch_BxL1)
     inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
     segment_ids_BxL = window_segment_ids(cfg, inputs_BxL, eos_id)
     fed_BxL = inputs_BxL if fed_BxL is None else fed_BxL
-    logits_BxLxV = apply(cfg.model, params, fed_BxL, segment_ids_BxL=segment_ids_BxL)
-    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    x_BxLxD = apply(cfg.model, params, fed_BxL, segment_ids_BxL=segment_ids_BxL, hidden=True)
+    lse_BxL, target_logit_BxL = head.logit_stats(cfg.model, params, x_BxLxD, targets_BxL)
     ce = masked_mean(lse_BxL - target_logit_BxL, weight_BxL)
     total = ce
     if cfg.optim.z_loss:
@@ -169,8 +173,52 @@ def lower_train_step(cfg: ExperimentConfig, mesh, rules, eos_id: Optional[int] =
     return lowered, state["params"], (state, batch)
 
 
+def compiled_memory(compiled) -> dict:
+    """Bytes per device of a compiled program (`memory_analysis`): arguments, temporaries, outputs, aliased
+    (outputs that reuse donated arguments), code, and their total = arguments + outputs - aliased +
+    temporaries + code."""
+    mem = compiled.memory_analysis()
+    memory = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+              "outputs": mem.output_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+              "code": mem.generated_code_size_in_bytes}
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+                       + memory["code"])
+    return memory
+
+
 def compile_train_step(cfg: ExperimentConfig, eos_id: Optional[int] = None):
     """Compile the train step for `cfg` on this machine's devices without creating any arrays: returns
     (compiled step, abstract state with its shardings)."""
     lowered, _, (state, _) = lower_train_step(cfg, make_mesh(cfg.mesh), logical_rules(cfg.mesh), eos_id)
     return lowered.compile(), state
+
+
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")  # most saved first (fastest), least memory last
+
+
+def fitting_remat(cfg: ExperimentConfig, compile_fn: Callable, capacity: float):
+    """`model.remat=auto` resolved by compiling: (cfg with the first policy of REMAT_ORDER whose step needs at
+    most `capacity` bytes per device, `compile_fn`'s result for it). `compile_fn(cfg)` -> (bytes per device,
+    or None where the compiler refused the program for lack of memory; its result). A config with its remat
+    set is compiled as it is; where no policy fits, the last (`full`) is returned."""
+    candidates = [cfg] if cfg.model.remat != "auto" else [
+        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=r)) for r in REMAT_ORDER]
+    for candidate in candidates:
+        need, result = compile_fn(candidate)
+        if need is not None and need <= capacity:
+            break
+    return candidate, result
+
+
+def remat_for_device_memory(cfg: ExperimentConfig, eos_id: Optional[int] = None) -> ExperimentConfig:
+    """On a GPU/TPU, `model.remat=auto` becomes the fastest policy whose compiled train step fits in
+    MEMORY_HEADROOM of the device's memory (`memory_stats()["bytes_limit"]`); unchanged on CPU (see
+    `backend.resolve_remat`) and for a remat that is set."""
+    if cfg.model.remat != "auto" or platform() == "cpu":
+        return cfg
+    capacity = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not capacity:
+        return cfg
+    chosen, _ = fitting_remat(cfg, lambda c: (compiled_memory(compile_train_step(c, eos_id)[0])["total"], None),
+                              MEMORY_HEADROOM * capacity)
+    return chosen
