@@ -251,13 +251,14 @@ def test_cross_entropy_over_chunks_cuts_the_logits_memory_on_the_tpu_compiler():
     assert gathers[512] <= gathers[0]
 
 
-_COMPILE_FOR_V5E = """
+_COMPILE_FOR_V5E_AND_V5P = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
-x = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(Mesh(np.array(devices), ("x",)), P("x")))
-jax.jit(lambda a: (a @ a.T).sum()).lower(x).compile()
+for name in ("v5e:2x2", "v5p:2x2x1"):  # newer libtpus refuse some flags on some chips only
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    x = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(Mesh(np.array(devices), ("x",)), P("x")))
+    jax.jit(lambda a: (a @ a.T).sum()).lower(x).compile()
 print("compiled")
 """
 
@@ -273,9 +274,9 @@ def test_backend_xla_flags_are_accepted_by_libtpu_and_xla_and_the_users_win():
     assert set(set_now) == {"LIBTPU_INIT_ARGS"} and env["LIBTPU_INIT_ARGS"] == " ".join(TPU_XLA_FLAGS)
     run = lambda code, **extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
                                                env={**env, **extra}, timeout=300)
-    ok = run(_COMPILE_FOR_V5E)
+    ok = run(_COMPILE_FOR_V5E_AND_V5P)
     assert ok.returncode == 0 and "compiled" in ok.stdout, ok.stderr[-2000:]
-    bad = run(_COMPILE_FOR_V5E, LIBTPU_INIT_ARGS=env["LIBTPU_INIT_ARGS"] + " --xla_tpu_no_such_flag=true")
+    bad = run(_COMPILE_FOR_V5E_AND_V5P, LIBTPU_INIT_ARGS=env["LIBTPU_INIT_ARGS"] + " --xla_tpu_no_such_flag=true")
     assert bad.returncode != 0 and "xla_tpu_no_such_flag" in bad.stderr
     gpu = run("import jax.numpy as jnp; print(float(jnp.ones(3).sum()))", XLA_FLAGS=" ".join(GPU_XLA_FLAGS))
     assert gpu.returncode == 0 and gpu.stdout.strip() == "3.0", gpu.stderr[-2000:]
