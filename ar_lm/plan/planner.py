@@ -164,8 +164,11 @@ def plan(cfg: ExperimentConfig, target: Target, decode: bool = False, hlo_dir: O
     chip = target.chip
     with target_platform("tpu"):
         mesh, rules = check_parallelism(cfg, devices)
-        cfg, (compiled, oom, abstract_params, abstract_args) = fitting_remat(
-            cfg, lambda c: _compile(c, mesh, rules, decode), chip.hbm_bytes)
+        if decode:  # no backward pass: remat changes nothing, one compile
+            _, (compiled, oom, abstract_params, abstract_args) = _compile(cfg, mesh, rules, decode)
+        else:
+            cfg, (compiled, oom, abstract_params, abstract_args) = fitting_remat(
+                cfg, lambda c: _compile(c, mesh, rules, decode), chip.hbm_bytes)
         settings = {"attention": resolve_attention(cfg.model), "remat": resolve_remat(cfg.model),
                     "compute_dtype": str(np.dtype(resolve_compute_dtype(cfg.model)))}
         if compiled is None:
