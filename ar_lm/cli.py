@@ -154,8 +154,12 @@ def _fit(p) -> None:
     p.add_argument("--approach", type=int, action="append", choices=(1, 2, 3), help="repeatable; default: all")
     p.add_argument("--flops-model", default="6nd", choices=("6nd", "exact"),
                    help="how the CSV's flops were counted (exact: flops / tokens per row)")
+    p.add_argument("--attention-flops", default="causal", choices=("causal", "full"),
+                   help="count attention FLOPs causal-halved (default, as the runs record them) or over the full "
+                   "L x L square as Chinchilla does (recounted from a sweep's recorded shapes)")
     p.add_argument("--full-grid", action="store_true", help="approach 3 from every grid start (default: the best 64)")
-    p.add_argument("--exclude-repeated", action="store_true", help="drop points that trained > 1 epoch")
+    p.add_argument("--include-repeated", action="store_true",
+                   help="also fit points that trained > 1 epoch of their train split (left out by default)")
     p.add_argument("--test", help="CSV of held-out points (same columns as --points): predict each with an interval")
     p.add_argument("--predict", nargs="+", metavar="N:D", help="predict the loss at these sizes and token counts")
     p.add_argument("--predict-compute", nargs="+", type=float, metavar="C", help="compute-optimal N, D, loss at C")

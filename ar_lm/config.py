@@ -77,6 +77,7 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 16  # global batch, in sequences
     shuffle_seed: int = 0
+    eval_seed: int = 0  # which val windows a budget of train.eval_tokens reads (the same for every run on a dataset)
     prefetch: int = 2  # batches prepared ahead on a background thread (0: none)
     document_mask: bool = False  # attention stops at end-of-document tokens; positions restart per document
     eval_sets: tuple[str, ...] = ()  # more validation sets, "name=DATA_DIR[:split]", evaluated at every eval
@@ -206,8 +207,8 @@ FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **{k: _POSITIVE for k in ("model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len",
                               "model.rope_theta", "model.norm_eps", "model.init_std", "data.seq_len",
                               "data.batch_size", "optim.lr", "optim.eps")},
-    **{k: _NON_NEGATIVE for k in ("data.shuffle_seed", "data.prefetch", "optim.warmup_steps", "optim.warmup_tokens",
-                                  "train.branch_step",
+    **{k: _NON_NEGATIVE for k in ("data.shuffle_seed", "data.eval_seed", "data.prefetch", "optim.warmup_steps",
+                                  "optim.warmup_tokens", "train.branch_step",
                                   "optim.cooldown_steps", "optim.weight_decay",
                                   "optim.z_loss", "train.steps", "train.tokens", "train.seed", "train.max_skips")},
     **{k: _AT_LEAST_ONE for k in ("optim.grad_accum", "train.log_every", "mesh.dcn_data", "mesh.dcn_fsdp",

@@ -41,7 +41,8 @@ def _first_windows_loss(run_dir: Path) -> dict:
     cfg = dataclasses.replace(cfg, mesh=inference_mesh(cfg.mesh, cfg.data.batch_size))
     dataset = TokenDataset(cfg.data.path)
     source = WindowSource(dataset.shards("val"), cfg.data.seq_len)
-    n = len(eval_window_indices(len(source), cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_tokens, 0))
+    n = len(eval_window_indices(len(source), cfg.data.seq_len, cfg.train.eval_tokens, 0))
+    n -= n % cfg.data.batch_size  # whole batches of the split's first windows
     rows = np.stack([source[i] for i in range(n)]).reshape(-1, cfg.data.batch_size, cfg.data.seq_len + 1)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
     _, params = restore_latest_params(run_dir, cfg, mesh, rules)

@@ -79,9 +79,16 @@ def results_markdown() -> str:
     ]
     if front:
         flo, fhi = front["ci"]["alpha"]
-        exact = " (3 minima for 3 parameters: determined exactly, so E is not constrained)" if len(a2["minima"]) == 3 else ""
         lines += [f"Loss frontier through the IsoFLOP minima: L*(C) = {front['E']:.2f} + {front['A']:.3g} · "
-                  f"C^-{front['alpha']:.3f} [{flo:.3f}, {fhi:.3f}]{exact}.", ""]
+                  f"C^-{front['alpha']:.3f} [{flo:.3f}, {fhi:.3f}].", ""]
+    else:
+        lines += [f"No loss frontier: {len(a2['minima'])} IsoFLOP minima cannot fit its 3 parameters with a "
+                  "degree of freedom left.", ""]
+    if fit.get("repeated_excluded"):
+        rep = fit["repeated_excluded"]
+        lines += [f"Not fitted: {len(rep)} points past one epoch of their train split ("
+                  + ", ".join(f"N = {r['N']:,.0f}, D = {r['D'] / 1e6:.1f}M, {r['epochs']:.2f} epochs" for r in rep)
+                  + "; `ar-lm fit --include-repeated` fits them).", ""]
     if (DOCS / "sweep.json").is_file():  # a WSD ladder: what its points cost against independent runs
         points = json.loads((DOCS / "sweep.json").read_text())["points"]
         spent = sum(p["coords"].get("C_run", p["coords"]["C"]) for p in points if not p["name"].startswith("holdout"))
@@ -89,6 +96,8 @@ def results_markdown() -> str:
         if alone:
             lines += [f"The WSD ladder spent {spent:.3g} FLOPs on points that cost {alone:.3g} as independent runs "
                       f"({100 * (1 - spent / alone):.0f}% saved; `sweep.json`, coords `C` and `C_run`).", ""]
+    if "skipped" in hold:
+        return "\n".join(lines + [f"Held-out run at C = {hold['budget']:.1e}: skipped ({hold['skipped']})."]) + "\n"
     lines += [
         f"Held-out run at C = {hold['C']:.1e} ({hold['beyond_largest_budget']:.1f}x the largest sweep budget) at the "
         f"fitted N_opt = {hold['N_opt_fitted']:,.0f} [{hold['N_opt_interval'][0]:,.0f}, {hold['N_opt_interval'][1]:,.0f}] "

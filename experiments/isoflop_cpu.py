@@ -33,9 +33,10 @@ def config() -> ExperimentConfig:
         name="isoflop_cpu",
         model=ModelConfig(family="gpt2", vocab_size=257, max_seq_len=64),  # byte tokenizer
         data=DataConfig(seq_len=64, batch_size=16),
-        # a straight wsd run is what each branch equals (and what the held-out run is); a warmup in steps
-        # is the same for a trunk and its branches
-        optim=OptimConfig(lr=4e-3, schedule="wsd", cooldown_frac=COOLDOWN_FRAC, warmup_steps=50, final_lr_frac=0.1,
+        # a straight wsd run is what each branch equals (and what the held-out run is); the warmup is
+        # warmup_frac of the smallest budget's run at every size (the same compute, so the same share of each
+        # budget along an IsoFLOP curve), shared by a trunk and its branches, and the held-out run's too
+        optim=OptimConfig(lr=4e-3, schedule="wsd", cooldown_frac=COOLDOWN_FRAC, warmup_frac=0.05, final_lr_frac=0.1,
                           weight_decay=0.1),
         # eval_tokens: a seeded random subset of val windows spread over the whole split (the same at every eval)
         train=TrainConfig(eval_every=0, eval_tokens=32768, log_every=10, checkpoint_every=2000, keep_checkpoints=1),

@@ -3,17 +3,20 @@
 import ast
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ar_lm.config import EVAL_TOKENS_CAP
-from ar_lm.data.dataset import TokenDataset
-from ar_lm.data.pipeline import TrainIterator, WindowSource, eval_batches, eval_window_indices, train_dataset
+from ar_lm.data.dataset import NO_LOSS_BIT, TokenDataset
+from ar_lm.data.pipeline import (TrainIterator, WindowSource, eval_batches, eval_window_indices, padding_window,
+                                 train_dataset)
 from ar_lm.data.sources import FileCorpus, split_of, stdlib_documents
 from ar_lm.data.writer import write_dataset
 from ar_lm.errors import UserError
+from ar_lm.training.step import split_loss_mask
 
 
 def test_metadata_counts_and_round_trip(byte_data, corpus_dir):
@@ -151,7 +154,7 @@ def test_eval_batches_are_fixed_and_are_the_chosen_windows(byte_data):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     source = WindowSource(ds.shards("val"), 16)
-    idx = eval_window_indices(len(source), 16, 4, 3 * 4 * 16, seed=5)
+    idx = eval_window_indices(len(source), 16, 3 * 4 * 16, seed=5)
     np.testing.assert_array_equal(np.concatenate(a), np.stack([source[int(i)] for i in idx]))
     parts = [eval_batches(ds, 16, 4, 3 * 4 * 16, seed=5, process_index=p, process_count=2) for p in range(2)]
     for j, g in enumerate(a):  # each process holds its share of the same global batches
@@ -159,22 +162,48 @@ def test_eval_batches_are_fixed_and_are_the_chosen_windows(byte_data):
 
 
 def test_eval_windows_are_a_seeded_subset_spread_over_the_split():
-    idx = eval_window_indices(1000, 16, 4, 10 * 4 * 16, seed=0)
+    idx = eval_window_indices(1000, 16, 40 * 16, seed=0)
     assert len(idx) == 40 and len(set(idx.tolist())) == 40 and np.all(np.diff(idx) > 0)  # distinct, sorted
     assert idx.max() >= 750 and idx.min() < 250  # from the whole split, not its first windows
-    np.testing.assert_array_equal(idx, eval_window_indices(1000, 16, 4, 10 * 4 * 16, seed=0))
-    assert not np.array_equal(idx, eval_window_indices(1000, 16, 4, 10 * 4 * 16, seed=1))
-    assert len(eval_window_indices(1000, 16, 4, 10 * 4 * 16 + 63, seed=0)) == 40  # whole batches only
-    assert len(eval_window_indices(1000, 16, 4, 1, seed=0)) == 4  # at least one batch
+    np.testing.assert_array_equal(idx, eval_window_indices(1000, 16, 40 * 16, seed=0))
+    assert not np.array_equal(idx, eval_window_indices(1000, 16, 40 * 16, seed=1))
+    assert len(eval_window_indices(1000, 16, 40 * 16 + 1, seed=0)) == 41  # every token of the budget
+    assert len(eval_window_indices(1000, 16, 1, seed=0)) == 1  # at least one window
+    assert set(idx.tolist()) <= set(eval_window_indices(1000, 16, 80 * 16, seed=0).tolist())  # nested budgets
 
 
-def test_eval_windows_whole_split_cap_and_wrap_around():
-    np.testing.assert_array_equal(eval_window_indices(12, 16, 4, 0, seed=0), np.arange(12))  # 0: all
-    np.testing.assert_array_equal(eval_window_indices(12, 16, 4, 10**6, seed=0), np.arange(12))
-    assert len(eval_window_indices(14, 16, 4, 0, seed=0)) == 12  # full batches of the split
-    capped = eval_window_indices(10**6, 16, 4, 0, seed=0)
+def test_eval_windows_whole_split_and_cap():
+    np.testing.assert_array_equal(eval_window_indices(12, 16, 0, seed=0), np.arange(12))  # 0: all
+    np.testing.assert_array_equal(eval_window_indices(12, 16, 10**6, seed=0), np.arange(12))
+    np.testing.assert_array_equal(eval_window_indices(14, 16, 0, seed=0), np.arange(14))  # no batch rounding
+    capped = eval_window_indices(10**6, 16, 0, seed=0)
     assert len(capped) * 16 == EVAL_TOKENS_CAP and capped.max() > 750_000
-    np.testing.assert_array_equal(eval_window_indices(3, 16, 4, 0, seed=0), [0, 1, 2, 0])  # wraps to fill a batch
+
+
+def test_every_batch_size_scores_the_same_val_windows(byte_data):
+    """Issue 34.2: the scored windows depended on data.batch_size and train.seed (9% overlap between batch 16
+    and 48); now a budget picks the same windows for every batch size, the last batch padded with windows
+    that score nothing."""
+    ds, budget = TokenDataset(byte_data), 10 * 16
+
+    def scored(batch: int) -> list[tuple]:
+        rows = np.concatenate(eval_batches(ds, 16, batch, budget, seed=0))
+        assert len(rows) % batch == 0
+        return sorted(map(tuple, rows[~np.all((rows & NO_LOSS_BIT) != 0, axis=1)].tolist()))
+
+    windows = scored(4)
+    assert len(windows) == 10 and scored(3) == windows and scored(16) == windows
+    pad = np.concatenate(eval_batches(ds, 16, 16, budget, seed=0))[10:]
+    assert np.all(pad == padding_window(16))
+
+
+def test_padding_windows_score_nothing(byte_data):
+    """The rows that fill the last eval batch carry no target weight (a split smaller than one batch used to wrap
+    around and count some windows twice)."""
+    ds = TokenDataset(byte_data)
+    (batch,) = eval_batches(ds, 16, 8, 3 * 16, seed=0)
+    tokens, weights = split_loss_mask(jnp.asarray(batch))
+    assert float(weights[:3].sum()) == 3 * 16 and float(weights[3:].sum()) == 0.0
 
 
 @settings(max_examples=50, deadline=None)

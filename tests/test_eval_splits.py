@@ -169,7 +169,7 @@ def test_eval_subset_covers_the_split_and_is_fixed_across_resumes_with_eval_sets
                                                                                   byte_data):
     data = split_data[0]
     n_val = len(WindowSource(TokenDataset(data).shards("val"), L))
-    idx = eval_window_indices(n_val, L, B, 2 * B * L, seed=0)
+    idx = eval_window_indices(n_val, L, 2 * B * L, seed=0)
     assert len(idx) == 2 * B < n_val and idx.min() < n_val / 4 and idx.max() >= 3 * n_val / 4  # both quartiles
     sets = (f"web={byte_data}", f"held={data}:test")
     cfg = tiny_config(data, train={"steps": 4, "eval_every": 2, "eval_tokens": 2 * B * L},

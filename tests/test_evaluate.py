@@ -31,7 +31,7 @@ def test_loss_se_matches_per_window_losses_and_shrinks_with_more_tokens(tmp_path
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     params = jax.device_get(result.state["params"])
     ds = TokenDataset(byte_data)
-    windows = np.concatenate(eval_batches(ds, 32, 8, 1024, cfg.train.seed))
+    windows = np.concatenate(eval_batches(ds, 32, 8, 1024, cfg.data.eval_seed))
     n_val = split_windows(ds, "val", 32)
     assert windows.shape == (32, 33) and n_val >= 64, n_val  # 4 of the split's 8 whole batches: a subset
     losses = _window_losses(load_run_config(tmp_path / "run"), params, windows)
@@ -51,7 +51,7 @@ def test_loss_se_matches_per_window_losses_and_shrinks_with_more_tokens(tmp_path
     assert again["stderr"] == pytest.approx(summary["val_loss_se"], rel=1e-5)
     one = evaluate_run(tmp_path / "run", max_tokens=256)
     whole = evaluate_run(tmp_path / "run", max_tokens=0)
-    assert (one["eval_tokens"], whole["eval_tokens"]) == (256, n_val // 8 * 8 * 32)  # whole batches only
+    assert (one["eval_tokens"], whole["eval_tokens"]) == (256, n_val * 32)  # every window, not whole batches only
     assert whole["stderr"] < again["stderr"] < one["stderr"]
 
     assert main(["eval", str(tmp_path / "run"), "--tokens", "-5"]) == 2

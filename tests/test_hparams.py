@@ -54,7 +54,7 @@ def test_sweeps_apply_the_rule_and_record_it_in_coords_and_config():
         assert p.coords["D"] == p.config.total_steps * p.config.data.batch_size * 32
         lrs.add(p.coords["lr"])
     assert len(lrs) >= 3  # sizes differ, so their learning rates do
-    wsd = wsd_sweep(base, sizes=(2e3, 8e3), tokens=(2560, 5120), rule=ShapeRule(aspect=16, head_dim=8), hparams=rule)
+    wsd = wsd_sweep(base, sizes=(2e3, 8e3), tokens=(25600, 51200), rule=ShapeRule(aspect=16, head_dim=8), hparams=rule)
     for trunk in (p for p in wsd if p.coords["role"] == "trunk"):
         branches = [p for p in wsd if p.coords.get("trunk") == trunk.name]
         assert {b.config.optim.lr for b in branches} == {trunk.config.optim.lr}  # one lr per trunk

@@ -221,7 +221,6 @@ def test_fit_cli_predicts_with_intervals_backtests_and_compares(tmp_path, capsys
 
     capsys.readouterr()
     for extra, fragment in ((["--predict", "1e9"], "--predict takes N:D"),
-                            (["--exclude-repeated"], "do not record epochs"),
                             (["--holdout-above", "1e30"], "must leave >= 5 points")):
         assert main(["fit", "--points", str(pts), "--out", str(tmp_path / "bad")] + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -253,7 +252,9 @@ def test_points_record_both_n_and_epochs_warn_when_the_split_repeats(tmp_path, c
     assert "epochs" in table[0].split() and f"{epochs:.2f}" in table[2].split()
     capsys.readouterr()
     warn_repeats(rows)
-    assert capsys.readouterr().err.splitlines() == [f"[sweep] warning: {p.name} repeats its train split ({epochs:.2f} epochs)"]
+    assert capsys.readouterr().err.splitlines() == [f"[sweep] warning: {p.name} repeats its train split ({epochs:.2f} "
+                                                    "epochs): the fit leaves it out (`ar-lm fit --include-repeated` "
+                                                    "keeps it)"]
     warn_repeats([dict(rows[0], epochs=0.5), dict(rows[0], epochs=None)])
     assert capsys.readouterr().err == ""
 
@@ -291,7 +292,7 @@ def test_shapes_data_spec_prepares_procedural_images(tmp_path):
     from ar_lm.config import ExperimentConfig
     from ar_lm.data.dataset import TokenDataset
     from ar_lm.data.synthetic import shape_images
-    from ar_lm.scaling.runner import ensure_data
+    from ar_lm.scaling.sweep_data import ensure_data
     from ar_lm.scaling.sweeps import DataSpec
 
     images = shape_images(300, 8, 8, seed=0)

@@ -17,6 +17,7 @@ one integer array; datasets without masks never set it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -119,11 +120,36 @@ class TokenDataset:
             except OSError:
                 pass  # read-only dataset: verify again next time
 
+    def identity(self) -> dict:
+        """What makes two datasets the same data, wherever they lie: {"id": sha256 of the rest (16 hex digits),
+        "tokenizer": the tokenizer file's sha256, "splits": {split: sha256 of its shards' (and masks') sha256s in
+        order}}. Recorded in every run (RUN_DIR/data.json) and sweep (sweep.json) and compared wherever a dataset
+        meets a run."""
+        splits = {name: _digest([s["sha256"] + s.get("mask", {}).get("sha256", "") for s in split["shards"]])
+                  for name, split in sorted(self.meta["splits"].items())}
+        tokenizer = self.meta["tokenizer"]["sha256"]
+        return {"id": _digest([tokenizer, *(f"{k}={v}" for k, v in splits.items())])[:16], "tokenizer": tokenizer,
+                "splits": splits}
+
     def token_bytes(self) -> np.ndarray:
         return self.tokenizer.token_bytes()
 
     def token_chars(self) -> np.ndarray:
         return self.tokenizer.token_chars()
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def identity_difference(recorded: dict, current: dict) -> str:
+    """'' when two `TokenDataset.identity()`s are the same data, else what differs (the tokenizer, or which
+    splits)."""
+    if recorded.get("tokenizer") != current.get("tokenizer"):
+        return "another tokenizer"
+    splits = sorted(set(recorded.get("splits", {})) | set(current.get("splits", {})))
+    differ = [s for s in splits if recorded.get("splits", {}).get(s) != current.get("splits", {}).get(s)]
+    return f"other {'/'.join(differ)} data" if differ else ""
 
 
 def unigram_entropy_bits(dataset: TokenDataset, split: str = "train") -> float:

@@ -9,7 +9,8 @@ same global batch that a single process would read. The iterator state is grain'
 JSON dict), saved in every checkpoint, so a resumed run continues with exactly the next batch.
 
 Evaluation reads a fixed set of val records (`eval_window_indices`): the whole split, or, when the token
-budget (`train.eval_tokens`, 0: up to config.EVAL_TOKENS_CAP) allows fewer, a seeded random subset spread over it.
+budget (`train.eval_tokens`, 0: up to config.EVAL_TOKENS_CAP) allows fewer, a random subset spread over it,
+seeded by `data.eval_seed` and independent of the batch size, so every run on a dataset scores the same windows.
 Whole-split scoring (`strided_batches`) reads the split's shards as one token stream in sliding windows of
 seq_len + 1 tokens at stride S, each scoring only the targets no earlier window scored, so every token but
 the first is scored exactly once with at least seq_len - S tokens of context (the strided perplexity of
@@ -94,18 +95,23 @@ def split_windows(dataset: TokenDataset, split: str, seq_len: int) -> int:
     return len(_windows(dataset, split, seq_len))
 
 
-def eval_window_indices(n_windows: int, seq_len: int, global_batch: int, max_tokens: int, seed: int) -> np.ndarray:
-    """Sorted record indices evaluated: max(1, tokens // (global_batch * seq_len)) full batches, tokens =
-    `max_tokens` (0: EVAL_TOKENS_CAP), at most all the full batches of the split. Fewer records than the split
-    holds: a random subset seeded by `seed`, spread over the whole split. A split smaller than one global batch
-    wraps around to fill one."""
-    if n_windows < global_batch:
-        return np.arange(global_batch) % n_windows
-    n_batches = min(n_windows // global_batch, max(1, (max_tokens or EVAL_TOKENS_CAP) // (global_batch * seq_len)))
-    if n_batches * global_batch == n_windows:
+def eval_window_indices(n_windows: int, seq_len: int, max_tokens: int, seed: int) -> np.ndarray:
+    """Sorted record indices evaluated: the first k = ceil(tokens / seq_len) records (tokens = `max_tokens`,
+    0: EVAL_TOKENS_CAP; at least 1, at most the split) of a permutation of the split seeded by `seed`
+    (`data.eval_seed`). They depend on the dataset, the window length, the budget and that seed only, never on
+    the batch size or the training seed, so every run on a dataset is scored on the same windows, and a
+    smaller budget's windows are a subset of a larger one's."""
+    k = min(n_windows, max(1, -(-(max_tokens or EVAL_TOKENS_CAP) // seq_len)))
+    if k == n_windows:
         return np.arange(n_windows)
     rng = np.random.default_rng([seed, 0xE7A1])  # its own stream: not the init's or the data order's
-    return np.sort(rng.choice(n_windows, n_batches * global_batch, replace=False))
+    return np.sort(rng.permutation(n_windows)[:k])
+
+
+def padding_window(seq_len: int) -> np.ndarray:
+    """A window [seq_len + 1] whose targets all carry no loss (`NO_LOSS_BIT`): it fills a last eval batch and
+    scores nothing."""
+    return np.full(seq_len + 1, NO_LOSS_BIT, np.int32)
 
 
 def eval_batches(
@@ -119,11 +125,14 @@ def eval_batches(
     process_count: int = 1,
 ) -> list[np.ndarray]:
     """This process's share of the fixed eval batches over the records `eval_window_indices` picks, in index
-    order: global batch j holds picked records [j*B, (j+1)*B), process p every P-th of them from p."""
+    order: global batch j holds picked records [j*B, (j+1)*B), the last one filled with `padding_window`s,
+    process p every P-th of them from p."""
     source = _windows(dataset, split, seq_len)
-    idx = eval_window_indices(len(source), seq_len, global_batch, max_tokens, seed)
+    idx = eval_window_indices(len(source), seq_len, max_tokens, seed)
+    idx = np.concatenate([idx, np.full(-len(idx) % global_batch, -1)])
     local = idx[process_index::process_count].reshape(len(idx) // global_batch, global_batch // process_count)
-    return [np.stack([source[int(i)] for i in row]) for row in local]
+    pad = padding_window(seq_len)
+    return [np.stack([source[int(i)] if i >= 0 else pad for i in row]) for row in local]
 
 
 class TokenStream:

@@ -38,20 +38,31 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal_halved: bool = True) -> float:
+    """Training FLOPs per token of the attention scores QK^T and the value product AV.
+
+    Each costs 2*H*Dh FLOPs per (query, key) pair forward, x3 forward + backward. ``causal_halved``:
+    the query at position t attends to t keys, (L+1)/2 on average: 6 * n_layers * H * Dh * (L + 1).
+    Otherwise the full L x L square, as Hoffmann et al. 2022 (Chinchilla, Appendix F) count it:
+    12 * n_layers * H * Dh * L (their softmax term, 3*H*L forward, is not counted here).
+    """
+    hd = cfg.n_layers * cfg.n_heads * cfg.head_dim
+    return float(6 * hd * (seq_len + 1) if causal_halved else 12 * hd * seq_len)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, causal_halved: bool = True) -> float:
     """Training FLOPs (forward + backward) per token.
 
-    6 * (matmul weights) + 6 * n_layers * H * Dh * (seq_len + 1).
+    6 * (matmul weights) + `attention_flops_per_token` (causal: 6 * n_layers * H * Dh * (seq_len + 1)).
 
     Matmul weights per layer: d*Dh*(H + 2K) + H*Dh*d + (2 or 3)*d*F; plus the output projection
     d*V (tied or not). Each weight costs 2 FLOPs per token forward and 4 backward (Kaplan et al.
-    2020). Causal attention: the query at position t attends to t keys, so over a sequence of
-    length L the average is (L+1)/2 keys; QK^T and AV each cost 2*H*Dh FLOPs per key forward,
-    so 4*H*Dh*(L+1)/2 forward and 3x that forward+backward, counted once for the causal triangle
-    (not the full L x L square).
+    2020). Causal attention (the default, ``causal_halved``): the query at position t attends to t
+    keys, so over a sequence of length L the average is (L+1)/2 keys; QK^T and AV each cost 2*H*Dh
+    FLOPs per key forward, so 4*H*Dh*(L+1)/2 forward and 3x that forward+backward, counted once for
+    the causal triangle. ``causal_halved=False`` counts the full L x L square (Chinchilla's convention).
     """
     d, h, kh, dh, f, v = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
     mlp_mats = 2 if cfg.family == "gpt2" else 3
     matmul_weights = cfg.n_layers * (d * dh * (h + 2 * kh) + h * dh * d + mlp_mats * d * f) + d * v
-    attention = 6 * cfg.n_layers * h * dh * (seq_len + 1)
-    return 6.0 * matmul_weights + attention
+    return 6.0 * matmul_weights + attention_flops_per_token(cfg, seq_len, causal_halved)

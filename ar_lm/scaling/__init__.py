@@ -1,6 +1,6 @@
 """Scaling studies: sweep definitions, the sweep runner, Chinchilla fits, held-out checks, plots.
 
-`sweeps` (shape rules, ladders, `grid_sweep`, `isoflop_sweep`, `wsd_sweep`, `lr_sweep`, `Sweep`, `DataSpec`),
+`shapes` (`ShapeRule`: width -> shape), `sweeps` (ladders, `grid_sweep`, `isoflop_sweep`, `wsd_sweep`, `lr_sweep`, `Sweep`, `DataSpec`),
 `hparams` (size-aware hyperparameter rules; `ar-lm fit-lr`), `runner`
 (`ar-lm sweep`: one process per point, resumable, summary table), `downstream` (lm-eval tasks on finished
 points, their summary columns), `points` (what a fit reads),

@@ -5,22 +5,28 @@ one compute model (`compute.py`), with bootstrap intervals that say how many rep
   N that reached the lowest loss; power laws N_opt = k_N C^a and D_opt = k_D C^b (D = C / fpt(N)).
   Curves of one horizon per size are indicative only (Hoffmann et al. used several per size).
 - Approach 2: `isoflop.py` (windowed IsoFLOP minima, the loss frontier L*(C)). Its bootstrap is
-  parametric: every replicate adds N(0, s_i²) to each loss, s_i² = the point's squared standard
-  error plus the window parabolas' pooled residual variance, and repeats the whole procedure.
-- Approach 3: `parametric.py`; bootstrap by resampling points.
+  parametric: every replicate adds N(0, s_i²) to each loss and repeats the whole procedure; s_i² counts
+  the eval noise once (`_noise_scale`: the point's squared standard error plus the window parabolas'
+  pooled residual variance beyond the mean squared standard error). `noise` reports both and the dof.
+- Approach 3: `parametric.py`; bootstrap by resampling points, or in a WSD ladder whole trunks (a
+  trunk's branches share its run up to the branch point, so they are not independent draws).
+- Conventions (`conventions`): what N and C count, recorded and compared; attention FLOPs causal-halved
+  (default) or over the full L x L square as Hoffmann et al. count them (`with_attention`); tokens per
+  parameter D_opt / N_opt at each budget (`tokens_per_parameter`; Chinchilla's ~20).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from ar_lm.errors import require
-from ar_lm.scaling.compute import ComputeModel
+from ar_lm.scaling.compute import ComputeModel, analytic
 from ar_lm.scaling.isoflop import WINDOW, approach2, budget_minimum, power_law
-from ar_lm.scaling.parametric import PARAMS, fit_parametric, local_exponents
+from ar_lm.scaling.parametric import PARAMS, fit_parametric, local_exponents, optimal_size
 from ar_lm.scaling.points import Points
 
 CI = (2.5, 97.5)
@@ -98,9 +104,12 @@ def _fit_approach1(pts: Points, n_boot: int, rng) -> Optional[dict]:
 # Approach 2
 
 
-def _noise_scale(pts: Points, window: float) -> Optional[np.ndarray]:
-    """Per-point noise s_i of the parametric bootstrap (see module docstring); None if unknown."""
-    ss, dof = 0.0, 0
+def _noise_scale(pts: Points, window: float) -> tuple[Optional[np.ndarray], dict]:
+    """Per-point noise s_i of the parametric bootstrap, counted once: the window parabolas' pooled residual
+    variance s² = RSS / dof already holds the eval noise, so s_i² = se_i² + max(0, s² - mean se²) (the
+    scatter the eval noise leaves unexplained); s² alone without loss_se, se_i² alone with dof = 0.
+    (None, info) if neither is known; info reports s², its dof and the mean se²."""
+    ss, dof, se2 = 0.0, 0, []
     for g in np.unique(pts.group):
         m = pts.group == g
         found = budget_minimum(np.log(pts.N[m]), pts.L[m], window)
@@ -109,17 +118,21 @@ def _noise_scale(pts: Points, window: float) -> Optional[np.ndarray]:
             near = (x >= math.log(found["window_N"][0]) - 1e-12) & (x <= math.log(found["window_N"][1]) + 1e-12)
             ss += float(np.sum((pts.L[m][near] - np.polyval(found["parabola"], x[near])) ** 2))
             dof += int(near.sum()) - 3
+            se2 += [] if pts.se is None else (pts.se[m][near] ** 2).tolist()
     pooled = ss / dof if dof > 0 else None
+    mean_se2 = float(np.mean(se2)) if se2 else (float(np.mean(pts.se**2)) if pts.se is not None else None)
+    extra = None if pooled is None else max(0.0, pooled - (mean_se2 or 0.0))
+    info = {"residual_variance": pooled, "dof": dof, "loss_se_variance": mean_se2, "extra_variance": extra}
     if pts.se is None and pooled is None:
-        return None
-    return np.sqrt((pts.se**2 if pts.se is not None else 0.0) + (pooled or 0.0)) * np.ones_like(pts.L)
+        return None, info
+    return np.sqrt((pts.se**2 if pts.se is not None else 0.0) + (extra or 0.0)) * np.ones_like(pts.L), info
 
 
 def _fit_approach2(pts: Points, n_boot: int, rng, window: float) -> Optional[dict]:
     p2 = approach2(pts, pts.compute, window)
     if p2 is None:
         return None
-    scale = _noise_scale(pts, window)
+    scale, p2["noise"] = _noise_scale(pts, window)
     boots = []
     if scale is None:
         p2["bootstrap_note"] = "no noise estimate (no loss_se, <= 3 points per window): no intervals"
@@ -140,17 +153,41 @@ def _fit_approach2(pts: Points, n_boot: int, rng, window: float) -> Optional[dic
 # Approach 3
 
 
-def _fit_approach3(pts: Points, n_boot: int, rng, full_grid: bool, top: int, options: Optional[dict]) -> dict:
-    """The fit from the grid; each bootstrap replicate (points resampled) starts from its optimum."""
+G_CONVENTION = {
+    "6nd": "N_opt = G (C/6)^a, D_opt = (C/6)^b / G: the closed form under this fit's compute model C = 6ND "
+           "(the local exponents equal a, b)",
+    "exact": "G, a, b are the 6ND-equivalent closed form (C = 6ND), not this fit's exact compute model; under it "
+             "the optimum is numerical (optimal_size): see local (exponents at C_ref) and optimum_at_C_ref",
+}
+
+
+def resample(rng, clusters: Sequence) -> np.ndarray:
+    """Indices of one bootstrap replicate: as many clusters as there are, drawn with replacement, each
+    with all its points. `clusters[i]` names point i's cluster (a WSD ladder's trunk: its branches share
+    one run); None or "" makes the point a cluster of its own (plain resampling of points)."""
+    labels = [c if c not in (None, "") else ("\0point", i) for i, c in enumerate(clusters)]
+    _, which = np.unique([str(c) for c in labels], return_inverse=True)
+    members = [np.flatnonzero(which == k) for k in range(which.max() + 1)]
+    return np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+
+
+def _fit_approach3(pts: Points, n_boot: int, rng, full_grid: bool, top: int, options: Optional[dict],
+                   clusters: Optional[Sequence] = None) -> dict:
+    """The fit from the grid; each bootstrap replicate (points, or whole `clusters`, resampled: `resample`)
+    starts from its optimum."""
     require(len(pts.N) >= 5, f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
     p3 = fit_parametric(pts.N, pts.D, pts.L, top=None if full_grid else top, options=options)
     p3["starts"] = "every grid point" if full_grid else f"the best {top} grid points"
     c_ref = float(np.exp(np.mean(np.log(pts.C))))
     p3["C_ref"] = c_ref
     p3["local"] = local_exponents(p3, pts.compute, c_ref) if p3["a"] is not None else None
+    p3["compute_model"], p3["G_convention"] = pts.compute.kind, G_CONVENTION[pts.compute.kind]
+    if p3["a"] is not None:
+        n_opt, d_opt = optimal_size(p3, pts.compute, c_ref)
+        p3["optimum_at_C_ref"] = {"N_opt": n_opt, "D_opt": d_opt, "tokens_per_param": d_opt / n_opt}
     boots = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(pts.N), len(pts.N))
+        idx = rng.integers(0, len(pts.N), len(pts.N)) if clusters is None else resample(rng, clusters)
         if len(np.unique(idx)) < 5:
             continue
         b = fit_parametric(pts.N[idx], pts.D[idx], pts.L[idx], starts=[p3["theta"]], options=options)
@@ -164,15 +201,98 @@ def _fit_approach3(pts: Points, n_boot: int, rng, full_grid: bool, top: int, opt
 
 
 # ---------------------------------------------------------------------------------------------
+# Conventions: what N and C count, attention counted as Chinchilla does, tokens per parameter
+
+N_COUNTS = {"non_embedding": "non-embedding parameters (no token or position embeddings, no untied output "
+                             "projection; Kaplan et al. 2020)",
+            "total": "all parameters, embeddings included (Hoffmann et al. 2022)", "as given": "as the points give it"}
+ATTENTION = {"causal": "causal-halved ((L+1)/2 keys per query)",
+             "full": "over the full L x L square (Hoffmann et al. 2022, Appendix F)"}
+
+
+def with_attention(pts: Points, attention: str = "causal") -> Points:
+    """`pts` with attention FLOPs counted `attention`: ``causal`` as the runs recorded them (halved), ``full``
+    recounted from the sweep's shapes (`ShapeFamily(attention="full")`): every C and approach 1's
+    curves scaled by fpt_full(N) / fpt(N), the exact model through the shapes' full-attention fpt. The IsoFLOP
+    groups stay the sweep's budgets (their points' C now differ by the change in the attention share)."""
+    require(attention in ATTENTION, f"attention FLOPs are counted {' or '.join(ATTENTION)}, got {attention!r}")
+    if attention == "causal":
+        return pts
+    shapes = pts.compute.shapes
+    require(pts.compute.kind == "exact" and shapes is not None,
+            "--attention-flops full recounts each run's FLOPs from the sweep's recorded shapes: it needs a sweep "
+            "directory whose runs lie on its shape rule (6ND, a CSV's or hand-made runs' FLOPs cannot be "
+            "recounted): use --attention-flops causal")
+    full = analytic(dataclasses.replace(shapes, attention="full"))
+
+    def ratio(n):
+        return full.fpt(n) / pts.compute.fpt(n)
+
+    return dataclasses.replace(pts, C=pts.C * ratio(pts.N), compute=full,
+                               curves=[(n, c_t * ratio(n), l_t) for n, c_t, l_t in pts.curves])
+
+
+def conventions(pts: Points, attention: str = "causal") -> dict:
+    """What N and C count, and where they disagree: Kaplan et al. 2020 pair non-embedding N with C ≈ 6ND,
+    which leaves out the output layer's 6 d V FLOPs per token that `flops_per_token` (the exact model) counts."""
+    kind = pts.compute.kind
+    if kind == "6nd":
+        c = {"counts": "C = 6 N D (Kaplan et al. 2020): 6 FLOPs per parameter of N per token, no attention term",
+             "attention": None, "output_layer": False}
+    elif pts.compute.shapes is not None or attention == "full" or pts.n_kind != "as given":
+        # a sweep's: the shapes' flops_per_token, or the one its runs recorded
+        c = {"counts": "C = fpt(N) D, fpt = flops_per_token: 6 x matmul weights including the output layer's "
+                       f"6 d V, plus attention {ATTENTION[attention]}", "attention": attention, "output_layer": True}
+    else:
+        c = {"counts": "C = fpt(N) D, fpt as measured at the points (their flops / tokens)",
+             "attention": "as measured", "output_layer": None}
+    mismatch = None
+    if pts.n_kind == "non_embedding" and c["output_layer"]:
+        mismatch = ("N is non-embedding but C counts the output layer's 6 d V FLOPs per token (Kaplan et al. 2020 "
+                    "pair non-embedding N with C ≈ 6ND, without them)")
+    return {"N": {"n_kind": pts.n_kind, "counts": N_COUNTS.get(pts.n_kind, pts.n_kind)},
+            "C": {"compute_model": kind, **c}, "mismatch": mismatch}
+
+
+def tokens_per_parameter(result: dict, compute: ComputeModel) -> list[dict]:
+    """D_opt / N_opt (Hoffmann et al. 2022: ~20 at every budget), by C: at each approach-2 IsoFLOP minimum, and
+    approach 3's optimum (`optimal_size` under `compute`, the fit's model) at those budgets and at its C_ref."""
+    p2, p3 = result.get("approach2") or {}, result.get("approach3") or {}
+    rows = [{"C": m["C"], "at": "IsoFLOP budget", "approach2": m["tokens_per_param"], "approach3": None}
+            for m in p2.get("minima", [])]
+    if p3.get("a") is not None:
+        rows.append({"C": p3["C_ref"], "at": "C_ref", "approach2": None, "approach3": None})
+        for r in rows:
+            n_opt, d_opt = optimal_size(p3, compute, r["C"])
+            r["approach3"] = d_opt / n_opt
+    return sorted(rows, key=lambda r: r["C"])
+
+
+# ---------------------------------------------------------------------------------------------
 # All approaches
 
 
-def fit_points(pts: Points, n_boot: int = 100, seed: int = 0, approaches=(1, 2, 3), full_grid: bool = False,
-               window: float = WINDOW, top: int = 64, options: Optional[dict] = None) -> dict:
-    """Every approach that the points allow, with bootstrap intervals; JSON-serialisable."""
+def bootstrap_stream(seed: Union[int, Sequence[int]]) -> list[int]:
+    """The seed as numpy's SeedSequence reads it (trailing zero words dropped: 0 and [0, 0] draw alike)."""
+    words = [int(x) for x in np.atleast_1d(seed)]
+    while len(words) > 1 and words[-1] == 0:
+        words.pop()
+    return words
+
+
+def fit_points(pts: Points, n_boot: int = 100, seed: Union[int, Sequence[int]] = 0, approaches=(1, 2, 3),
+               full_grid: bool = False, window: float = WINDOW, top: int = 64, options: Optional[dict] = None,
+               clusters: Optional[Sequence] = None, attention: str = "causal") -> dict:
+    """Every approach that the points allow, with bootstrap intervals; JSON-serialisable. `seed` (an int
+    or a sequence of ints, e.g. [seed, sweep index]) is recorded as `bootstrap_seed`; `clusters` (default:
+    the points' WSD trunks, `pts.trunk`, where they have them) resample together in approach 3. `attention`:
+    how C counts attention FLOPs (`with_attention`); `conventions` says what N and C count, and
+    `tokens_per_parameter` gives D_opt / N_opt at each budget."""
     require(np.all(pts.N > 0) and np.all(pts.D > 0) and np.all(pts.L > 0), "params, tokens and loss must be positive")
-    rng = np.random.default_rng(seed)
+    pts = with_attention(pts, attention)
+    rng = np.random.default_rng(bootstrap_stream(seed))
     result: dict = {"n_points": int(len(pts.N)), "floor": pts.floor, "n_kind": pts.n_kind,
+                    "conventions": conventions(pts, attention), "bootstrap_seed": bootstrap_stream(seed),
                     "compute": pts.compute.to_json(), "curve_source": pts.curve_source,
                     "points": [{"N": float(n), "D": float(d), "C": float(c), "loss": float(l)}
                                for n, d, c, l in zip(pts.N, pts.D, pts.C, pts.L)]}
@@ -183,7 +303,9 @@ def fit_points(pts: Points, n_boot: int = 100, seed: int = 0, approaches=(1, 2, 
         for p, ep in zip(result["points"], pts.epochs):
             p["epochs"] = float(ep)
     if 3 in approaches:
-        result["approach3"] = _fit_approach3(pts, n_boot, rng, full_grid, top, options)
+        clusters = getattr(pts, "trunk", None) if clusters is None else clusters
+        require(clusters is None or len(clusters) == len(pts.N), "clusters must name one cluster per point")
+        result["approach3"] = _fit_approach3(pts, n_boot, rng, full_grid, top, options, clusters)
     if 2 in approaches and pts.group is not None:
         p2 = _fit_approach2(pts, n_boot, rng, window)
         if p2 is not None:
@@ -195,5 +317,6 @@ def fit_points(pts: Points, n_boot: int = 100, seed: int = 0, approaches=(1, 2, 
     require(any(f"approach{i}" in result for i in (1, 2, 3)),
             "too few points for any approach: approach 2 needs >= 2 IsoFLOP budgets with an interior minimum, "
             "approach 3 needs >= 5 points")
+    result["tokens_per_parameter"] = tokens_per_parameter(result, pts.compute)
     return result
 

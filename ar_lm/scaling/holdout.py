@@ -29,9 +29,15 @@ def fit_and_check(sweep: Sweep, runner, out: Path) -> None:
     if "approach3" not in result:
         print("[holdout] skipped: the fit has no parametric law (approach 3) to check", file=sys.stderr)
         return
-    checks = [holdout_check(sweep, runner, result, i, budget) for i, budget in enumerate(sweep.holdout_budgets)]
+    checks = []
+    for i, budget in enumerate(sweep.holdout_budgets):
+        try:
+            checks.append(holdout_check(sweep, runner, result, i, budget))
+        except UserError as e:  # the law cannot place this budget: the sweep's runs and fit stand
+            print(f"[holdout] holdout{i} at C={budget:.3g} skipped: {e}", file=sys.stderr)
+            checks.append({"name": f"holdout{i}", "budget": budget, "skipped": str(e)})
     atomic_write_json(out / "fit" / "holdout.json", checks)
-    plot_parametric(result, out / "fit", checks)
+    plot_parametric(result, out / "fit", [c for c in checks if "skipped" not in c])
 
 
 def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float) -> dict:
@@ -39,7 +45,7 @@ def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float)
     the sweep's sizes) and compare its final val loss with the law's prediction and 95% interval."""
     optimal = predict_compute(result, budget)
     point = compute_optimal_point(sweep.base, budget, optimal["N_opt"], f"holdout{index}", sweep.rule, sweep.n_kind,
-                                  sweep.hparams)
+                                  sweep.hparams, sweep.points)
     runner.write_points([point])
     runner.run([point])
     measured = (rundir.read_summary(runner.run_dir(point.name)) or {}).get("val_loss")

@@ -11,7 +11,8 @@ hyperparameters not set per size (warmup, lr, batch, beta2) cause most of the Ka
 - `ar_lm.scaling.sweeps.lr_sweep` trains every size at every lr (and batch size); `fit_lr_sweep` finds each size's optimal
   lr (the vertex of a parabola in ln lr through the lowest point and its neighbours; an optimum at the
   grid's edge is an error naming the size) and a power law lr*(N) = k (N / N_ref)^e with a parametric
-  bootstrap interval, written as a rule that `HParamRule.from_fit(path)` loads (`ar-lm fit-lr`).
+  bootstrap interval, written as a rule that `HParamRule.from_fit(path)` loads (`ar-lm fit-lr`). Seed
+  replicates (`lr_sweep(..., seeds=...)`) are averaged first, their spread in each point's loss_se.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ar_lm.io import atomic_write_json
 from ar_lm.model.counts import flops_per_token
 from ar_lm.scaling.fit import interval
 from ar_lm.scaling.isoflop import budget_minimum
+from ar_lm.scaling.points import replicate_mean
 from ar_lm.training import rundir
 
 
@@ -146,7 +148,7 @@ def _per_size_optima(rows: list[dict]) -> list[dict]:
                              f"size N={n:,.0f} (batch {b})")
             best_by_batch.append((b, math.exp(x_min), min(r["loss"] for r in at_b)))
         b_best, lr_best, _ = min(best_by_batch, key=lambda t: t[2])
-        entry = {"N": n, "lr_opt": lr_best, "batch_size": b_best}
+        entry = {"N": n, "lr_opt": lr_best, "batch_size": b_best, "seeds": min(r.get("seeds", 1) for r in mine)}
         if len(batches) >= 3:
             entry["batch_opt"] = math.exp(_optimum(np.log([t[0] for t in best_by_batch]),
                                                    np.array([t[2] for t in best_by_batch]), "batch size",
@@ -161,21 +163,33 @@ def _log_law(n: np.ndarray, y: np.ndarray, ref: float) -> tuple[float, float]:
     return float(math.exp(logk)), float(e)
 
 
-def fit_lr_sweep(rows: list[dict], n_boot: int = 200, seed: int = 0) -> dict:
-    """rows: {N, lr, batch_size, seq_len, loss, loss_se} of finished runs. Per-size optima
-    (`_per_size_optima`), power laws lr*(N) (and batch*(N)) through them, and a parametric bootstrap:
-    every replicate redraws each loss from N(loss, loss_se²) and repeats the whole procedure (a
-    replicate whose optimum leaves the grid fails; the count of successes is reported)."""
-    require(len({r["N"] for r in rows}) >= 2, f"an lr fit needs at least 2 sizes, got {len({r['N'] for r in rows})}")
-    per_size = _per_size_optima(rows)
-    n_arr = np.array([e["N"] for e in per_size])
-    ref = float(np.exp(np.mean(np.log(n_arr))))
-    keys = ["lr"] + (["batch"] if all("batch_opt" in e for e in per_size) else [])
+def average_seeds(rows: list[dict]) -> list[dict]:
+    """The fit's points: rows with a `seed` that share (N, lr, batch_size) (a point's seed replicates) become one
+    row with loss = mean(L_i) and loss_se² = mean(se_i²)/k + var(L_i)/k (`replicate_mean`), `seeds` = k; a row
+    without a seed stays as it is (`seeds` 1)."""
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r["N"], r["lr"], r["batch_size"]) if "seed" in r else i, []).append(r)
+    out = []
+    for reps in groups.values():
+        seeds = [r["seed"] for r in reps if "seed" in r]
+        require(len(set(seeds)) == len(seeds), f"size N={reps[0]['N']:,.0f}, lr {reps[0]['lr']:.3g}, batch "
+                f"{reps[0]['batch_size']}: seeds {sorted(seeds)} repeat: give each replicate its own seed")
+        row = {k: v for k, v in reps[0].items() if k != "seed"}
+        if len(reps) > 1:
+            row["loss"], row["loss_se"] = replicate_mean([r["loss"] for r in reps],
+                                                         [r.get("loss_se") or 0.0 for r in reps])
+        out.append({**row, "seeds": len(reps)})
+    return out
+
+
+def _bootstrap(rows: list[dict], n_arr: np.ndarray, ref: float, keys: list[str], n_boot: int,
+               seed: int) -> tuple[dict, list[list[float]]]:
+    """Per law key the exponents of `n_boot` parametric replicates (each loss redrawn from N(loss, loss_se²)), and
+    per size its replicates' lr_opt; a replicate whose optimum leaves the grid is dropped."""
     column = {"lr": "lr_opt", "batch": "batch_opt"}
-    fits = {k: dict(zip(("coef_at_ref", "exponent"), _log_law(n_arr, np.array([e[column[k]] for e in per_size]), ref)))
-            for k in keys}
     rng = np.random.default_rng(seed)
-    boots = {k: [] for k in keys}
+    boots, lr_opts = {k: [] for k in keys}, [[] for _ in n_arr]
     for _ in range(n_boot):
         redrawn = [dict(r, loss=r["loss"] + rng.normal(0, r.get("loss_se") or 0.0)) for r in rows]
         try:
@@ -184,29 +198,55 @@ def fit_lr_sweep(rows: list[dict], n_boot: int = 200, seed: int = 0) -> dict:
             continue
         for k in keys:
             boots[k].append(_log_law(n_arr, np.array([e[column[k]] for e in again]), ref)[1])
+        for opts, e in zip(lr_opts, again):
+            opts.append(e["lr_opt"])
+    return boots, lr_opts
+
+
+def fit_lr_sweep(rows: list[dict], n_boot: int = 200, seed: int = 0) -> dict:
+    """rows: {N, lr, batch_size, seq_len, loss, loss_se[, seed]} of finished runs, seed replicates averaged
+    (`average_seeds`, the result's `points`). Per-size optima (`_per_size_optima`), power laws lr*(N) (and
+    batch*(N)) through them, and a parametric bootstrap: every replicate redraws each loss from
+    N(loss, loss_se²) and repeats the whole procedure (a replicate whose optimum leaves the grid fails; the
+    count of successes is reported), giving the exponents' intervals and each size's `lr_opt_ci`."""
+    require(len({r["N"] for r in rows}) >= 2, f"an lr fit needs at least 2 sizes, got {len({r['N'] for r in rows})}")
+    rows = average_seeds(rows)
+    per_size = _per_size_optima(rows)
+    n_arr = np.array([e["N"] for e in per_size])
+    ref = float(np.exp(np.mean(np.log(n_arr))))
+    keys = ["lr"] + (["batch"] if all("batch_opt" in e for e in per_size) else [])
+    column = {"lr": "lr_opt", "batch": "batch_opt"}
+    fits = {k: dict(zip(("coef_at_ref", "exponent"), _log_law(n_arr, np.array([e[column[k]] for e in per_size]), ref)))
+            for k in keys}
+    boots, lr_opts = _bootstrap(rows, n_arr, ref, keys, n_boot, seed)
     for k in keys:
         fits[k]["exponent_ci"] = interval(boots[k])
         fits[k]["bootstrap_ok"] = [len(boots[k]), n_boot]
+    for e, opts in zip(per_size, lr_opts):
+        e["lr_opt_ci"] = interval(opts)
     lr_law = PowerLaw(fits["lr"]["coef_at_ref"], fits["lr"]["exponent"], ref)
     batch_law = (PowerLaw(fits["batch"]["coef_at_ref"] * rows[0]["seq_len"], fits["batch"]["exponent"], ref)
                  if "batch" in fits else None)
     rule = HParamRule("lr_sweep_fit", "fit_lr_sweep", lr=lr_law, batch_tokens=batch_law)
-    return {"sizes": per_size, "fits": fits, "ref_N": ref, "rule": rule.to_json()}
+    return {"sizes": per_size, "fits": fits, "ref_N": ref, "rule": rule.to_json(), "points": rows}
 
 
 def lr_sweep_rows(sweep_dir: Path) -> list[dict]:
-    """{N, lr, batch_size, seq_len, loss, loss_se} of every finished point of an `lr_sweep` sweep directory."""
+    """{N, lr, batch_size, seq_len, loss, loss_se} of every finished point of an `lr_sweep` sweep directory (of
+    the sweep as defined now: sweep.json's `current`)."""
     listing_path = Path(sweep_dir) / "sweep.json"
     require(listing_path.is_file(), f"{sweep_dir} is not a sweep directory (no sweep.json): run `ar-lm sweep` first")
-    rows = []
-    for p in json.loads(listing_path.read_text())["points"]:
+    rows, listing = [], json.loads(listing_path.read_text())
+    current = set(listing.get("current", [p["name"] for p in listing["points"]]))
+    for p in (p for p in listing["points"] if p["name"] in current):
         c = p["coords"]
         require("lr" in c, f"{sweep_dir} is not an lr sweep: its points have no lr coordinate (use lr_sweep)")
         s = rundir.read_summary(Path(sweep_dir) / "runs" / p["name"])
         if s and s.get("val_loss") is not None and math.isfinite(s["val_loss"]):
             cfg = rundir.load_run_config(Path(sweep_dir) / "runs" / p["name"])
             rows.append({"N": c["N"], "lr": c["lr"], "batch_size": c["batch_size"], "seq_len": cfg.data.seq_len,
-                         "loss": s["val_loss"], "loss_se": s.get("val_loss_se") or 0.0})
+                         "loss": s["val_loss"], "loss_se": s.get("val_loss_se") or 0.0,
+                         **({"seed": c["seed"]} if "seed" in c else {})})  # a seed replicate (`replicate`)
     return rows
 
 
@@ -217,7 +257,10 @@ def fit_lr_command(args) -> int:
     out = Path(args.out or Path(args.sweep_dir) / "lr_fit.json")
     atomic_write_json(out, result)
     for e in result["sizes"]:
-        print(f"[fit-lr] N={e['N']:>12,.0f}: lr* = {e['lr_opt']:.3g} (batch {e['batch_size']})"
+        ci_n = e["lr_opt_ci"]
+        print(f"[fit-lr] N={e['N']:>12,.0f}: lr* = {e['lr_opt']:.3g}"
+              + (f" [{ci_n[0]:.3g}, {ci_n[1]:.3g}]" if ci_n else "")
+              + f" (batch {e['batch_size']}" + (f", mean of {e['seeds']} seeds)" if e["seeds"] > 1 else ")")
               + (f", batch* = {e['batch_opt']:.3g}" if "batch_opt" in e else ""))
     lr = result["fits"]["lr"]
     ci = lr["exponent_ci"]

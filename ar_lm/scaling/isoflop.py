@@ -25,6 +25,7 @@ from ar_lm.scaling.compute import ComputeModel
 from ar_lm.scaling.points import Points
 
 WINDOW = math.log(5.0)
+FRONTIER_PARAMS = 3  # E, A, alpha of the loss frontier
 RECENTRE = 4  # window placements: at the lowest point, then at the vertex until the window is unchanged
 
 
@@ -67,7 +68,8 @@ def budget_minimum(log_n: np.ndarray, loss: np.ndarray, window: float = WINDOW) 
 
 
 def isoflop_minima(pts: Points, compute: ComputeModel, window: float = WINDOW) -> tuple[list[dict], list[dict]]:
-    """(minima, excluded budgets) over the IsoFLOP groups of `pts`."""
+    """(minima, excluded budgets) over the IsoFLOP groups of `pts`; each minimum has N_opt, D_opt = C / fpt(N_opt)
+    and tokens_per_param = D_opt / N_opt (Hoffmann et al. 2022: ~20)."""
     minima, excluded = [], []
     if pts.group is None:
         return minima, excluded
@@ -79,14 +81,16 @@ def isoflop_minima(pts: Points, compute: ComputeModel, window: float = WINDOW) -
             excluded.append({"C": c, "reason": found["reason"]})
             continue
         n_opt = math.exp(found.pop("x_min"))
-        minima.append({"C": c, "N_opt": n_opt, "D_opt": float(compute.tokens(n_opt, c)), **found,
+        d_opt = float(compute.tokens(n_opt, c))
+        minima.append({"C": c, "N_opt": n_opt, "D_opt": d_opt, "tokens_per_param": d_opt / n_opt, **found,
                        "N_range": [float(pts.N[m].min()), float(pts.N[m].max())]})
     return minima, excluded
 
 
 def fit_loss_frontier(c: np.ndarray, loss: np.ndarray) -> Optional[dict]:
-    """L*(C) = E + A · C^-alpha by least squares in log L (needs >= 3 budgets); None if it fails."""
-    if len(c) < 3:
+    """L*(C) = E + A · C^-alpha by least squares in log L; None if it fails, or with <= 3 budgets
+    (3 parameters through 3 minima fit exactly: no residual, nothing tested)."""
+    if len(c) <= FRONTIER_PARAMS:
         return None
     x = np.log(c / np.exp(np.mean(np.log(c))))  # centred: A is the reducible loss at the geometric-mean C
 

@@ -126,6 +126,10 @@ def fit_parametric(N, D, L, top: Optional[int] = 64, starts: Optional[list] = No
 
 
 def asymptotic_exponents(p: dict) -> dict:
+    """Closed form of the optimum under C = 6ND (Hoffmann et al. 2022, eq. 4): N_opt = G (C/6)^a,
+    D_opt = G^-1 (C/6)^b, a = beta / (alpha + beta), b = alpha / (alpha + beta),
+    G = (alpha A / (beta B))^(1/(alpha+beta)). Under an ``exact`` compute model this is the 6ND-equivalent
+    law; the optimum there is `optimal_size` and its exponents `local_exponents`."""
     s = p["alpha"] + p["beta"]
     if s <= 0 or p["alpha"] <= 0 or p["beta"] <= 0:
         return {"a": None, "b": None, "G": None}

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ar_lm.errors import UserError, require
-from ar_lm.scaling.compute import KINDS, ComputeModel, measured
+from ar_lm.scaling.compute import KINDS, ComputeModel, ShapeFamily, measured
 from ar_lm.training import rundir
 from ar_lm.training.metrics import read_jsonl
 
@@ -35,19 +35,28 @@ class Points:
     compute: ComputeModel = ComputeModel()
     n_kind: str = "as given"
     curve_source: str = ""
+    stale: tuple = ()  # finished runs of a sweep directory that its sweep no longer defines (not fitted)
+    trunk: Optional[np.ndarray] = None  # per point, the WSD trunk its branch grew from (bootstrap clusters)
 
     def subset(self, keep: np.ndarray) -> "Points":
         """The points where boolean `keep` is true (curves and model kept)."""
         part = lambda a: None if a is None else a[keep]  # noqa: E731
         return dataclasses.replace(self, N=self.N[keep], D=self.D[keep], C=self.C[keep], L=self.L[keep],
-                                   group=part(self.group), se=part(self.se), epochs=part(self.epochs))
+                                   group=part(self.group), se=part(self.se), epochs=part(self.epochs),
+                                   trunk=part(self.trunk))
 
 
-def without_repeated_data(pts: Points) -> Points:
-    """Only the points that saw each training token at most once (epochs <= 1)."""
-    require(pts.epochs is not None, "these points do not record epochs: --exclude-repeated needs a sweep or an "
-            "epochs column")
-    return pts.subset(pts.epochs <= 1.0 + 1e-9)
+def without_repeated_data(pts: Points) -> tuple[Points, list[dict]]:
+    """(the points that saw each training token at most once (epochs <= 1), the others as {N, D, epochs}).
+    Repeated tokens are worth less than fresh ones (Muennighoff et al. 2023), so a point past one epoch sits
+    above the law of fresh data and biases N_opt; fits leave such points out unless asked to keep them. Points
+    without an epoch count (a CSV without the column) are kept."""
+    if pts.epochs is None:
+        return pts, []
+    repeated = pts.epochs > 1.0 + 1e-9
+    dropped = [{"N": float(n), "D": float(d), "epochs": float(e)}
+               for n, d, e in zip(pts.N[repeated], pts.D[repeated], pts.epochs[repeated])]
+    return pts.subset(~repeated), dropped
 
 
 def points_from_csv(path: str | Path, flops_model: str = "6nd") -> Points:
@@ -101,15 +110,52 @@ def _group_by_flops(c: np.ndarray, tol: float = 0.1) -> np.ndarray:
     return group
 
 
+def replicate_mean(losses, ses) -> tuple[float, float]:
+    """(L, se) of one point's k seed replicates: L = mean(L_i) and se² = mean(se_i²) / k + var(L_i) / k (var with
+    ddof=1: the eval noise of the mean plus the seed-to-seed spread). k = 1: (L_1, se_1) as they are; with
+    k >= 2 a missing se_i (NaN) counts 0."""
+    losses, ses = np.asarray(losses, float), np.asarray(ses, float)
+    k = len(losses)
+    require(k >= 1 and len(ses) == k, f"replicate_mean needs one se per loss, got {k} losses and {len(ses)} se")
+    if k == 1:
+        return float(losses[0]), float(ses[0])
+    within = float(np.mean(np.nan_to_num(ses) ** 2))
+    return float(losses.mean()), float(np.sqrt((within + losses.var(ddof=1)) / k))
+
+
+def _merge_replicates(rows: list[tuple], keys: list, trunks: list) -> tuple[list[tuple], list]:
+    """One row (N, D, C, L, budget, fpt, se, epochs) per key: L and se by `replicate_mean`, epochs averaged,
+    the rest (equal across seeds) from the first replicate; and each key's trunk."""
+    groups: dict = {}
+    for row, key, trunk in zip(rows, keys, trunks):
+        groups.setdefault(key, ([], trunk))[0].append(row)
+    merged = []
+    for reps, _ in groups.values():
+        loss, se = replicate_mean([r[3] for r in reps], [r[6] for r in reps])
+        merged.append(reps[0][:3] + (loss,) + reps[0][4:6] + (se, float(np.mean([r[7] for r in reps]))))
+    return merged, [trunk for _, trunk in groups.values()]
+
+
+def _unseeded(trunk: Optional[str], coords: dict) -> Optional[str]:
+    """A seed replicate's trunk name without its `_s<seed>` suffix (the replicates of a size share one cluster)."""
+    suffix = f"_s{coords['seed']}" if "seed" in coords else None
+    return trunk[: -len(suffix)] if trunk and suffix and trunk.endswith(suffix) else trunk
+
+
 def points_from_sweep(sweep_dir: str | Path) -> Points:
-    """Every finished run's final val loss (its standard error, epochs), the exact compute model
+    """Every finished run of the sweep as defined now (sweep.json's `current`; the names of runs it no longer
+    defines go to `stale`): its final val loss (its standard error, epochs), the exact compute model
     through the runs' FLOPs per token, and Approach 1's curves: periodic val evals where every run
-    has >= 3, else the smoothed train loss (indicative only)."""
+    has >= 3, else the smoothed train loss (indicative only). A point's seed replicates (coords
+    `replicate_of`) are one point: mean loss, se from `replicate_mean`; every replicate's curve is kept."""
     sweep_dir = Path(sweep_dir)
     listing_path = sweep_dir / "sweep.json"
     require(listing_path.is_file(), f"{sweep_dir} is not a sweep directory (no sweep.json): run `ar-lm sweep` first")
     listing = json.loads(listing_path.read_text())
-    rows, val_curves, train_curves, floor = [], [], [], None
+    rows, val_curves, train_curves, floor, stale, trunks = [], [], [], None, [], []
+    shapes = ShapeFamily.from_json(listing["shapes"]) if listing.get("shapes") else None
+    current = set(listing.get("current", [p["name"] for p in listing["points"]]))
+    keys = []  # per run, the point it measures: a point's seed replicates (coords replicate_of) share one
     for p in listing["points"]:
         if p["name"].startswith("holdout") or p["coords"].get("role") == "trunk":  # a trunk is no budget's run
             continue
@@ -117,9 +163,14 @@ def points_from_sweep(sweep_dir: str | Path) -> Points:
         summary = rundir.read_summary(run)
         if not summary or summary.get("val_loss") is None:
             continue
+        if p["name"] not in current:  # dropped from the sweep since it ran: listed, not fitted
+            stale.append(p["name"])
+            continue
         c = p["coords"]
         rows.append((c["N"], c["D"], c["C"], summary["val_loss"], c.get("budget", c["C"]), c["flops_per_token"],
                      summary.get("val_loss_se", np.nan), summary.get("epochs", np.nan)))
+        trunks.append(_unseeded(c.get("trunk"), c))
+        keys.append(c.get("replicate_of", p["name"]))
         flops_per_step = c["flops_per_token"] * summary["tokens"] / max(1, summary["step"])
         records = read_jsonl(run / rundir.METRICS)
         for split, curves, smooth in (("val", val_curves, False), ("train", train_curves, True)):
@@ -130,14 +181,17 @@ def points_from_sweep(sweep_dir: str | Path) -> Points:
                                _smooth(losses) if smooth else losses))
         if floor is None:
             floor = _data_floor(rundir.load_run_config(run).data.path)
-    require(len(rows) >= 2, f"{sweep_dir} has {len(rows)} finished runs: a fit needs at least 2")
-    arr = np.array(rows, float)
     use_val = len(val_curves) == len(rows)
+    rows, trunks = _merge_replicates(rows, keys, trunks)
+    require(len(rows) >= 2, f"{sweep_dir} has {len(rows)} finished runs (a point's seed replicates as one): "
+            "a fit needs at least 2")
+    arr = np.array(rows, float)
     column = lambda i: None if np.isnan(arr[:, i]).any() else arr[:, i]  # noqa: E731
     return Points(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], group=_group_by_flops(arr[:, 4], 0.01),
                   curves=val_curves if use_val else train_curves, floor=floor, se=column(6), epochs=column(7),
-                  compute=measured(arr[:, 0], arr[:, 5]), n_kind=listing.get("n_kind", "non_embedding"),
-                  curve_source="val" if use_val else "train (smoothed; indicative only)")
+                  compute=measured(arr[:, 0], arr[:, 5], shapes), n_kind=listing.get("n_kind", "non_embedding"),
+                  curve_source="val" if use_val else "train (smoothed; indicative only)", stale=tuple(stale),
+                  trunk=np.array(trunks, object) if any(trunks) else None)
 
 
 def _smooth(x: np.ndarray, window: int = 5) -> np.ndarray:

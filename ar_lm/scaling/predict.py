@@ -12,15 +12,16 @@ that A's loss frontier needs to reach the loss B's frontier reaches with C, divi
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ar_lm.errors import UserError, require
 from ar_lm.scaling.compute import ComputeModel
-from ar_lm.scaling.fit import CI, interval
-from ar_lm.scaling.isoflop import compute_for_loss, frontier_loss
+from ar_lm.scaling.fit import CI, fit_points, interval
+from ar_lm.scaling.isoflop import FRONTIER_PARAMS, compute_for_loss, frontier_loss
 from ar_lm.scaling.parametric import asymptotic_exponents, optimal_size, parametric_loss
+from ar_lm.scaling.points import Points
 
 
 def _law3(result: dict) -> dict:
@@ -73,8 +74,9 @@ def predict_compute(result: dict, c: float) -> dict:
     compute = ComputeModel.from_json(result["compute"])
     require(p3.get("a") is not None, "the fitted law has a zero exponent: it has no compute-optimal frontier")
     n, d = optimal_size(p3, compute, c)
-    opt = [optimal_size(b, compute, c) for b in _laws(p3) if b.get("a") is not None]
-    log_b = np.log([parametric_loss(b, nb, db) for b, (nb, db) in zip(_laws(p3), opt)])
+    laws = [b for b in _laws(p3) if b.get("a") is not None] or [p3]  # each law keeps its own optimum
+    opt = [optimal_size(b, compute, c) for b in laws]
+    log_b = np.log([parametric_loss(b, nb, db) for b, (nb, db) in zip(laws, opt)])
     return {"C": c, "N_opt": n, "D_opt": d, "N_interval": interval([o[0] for o in opt]),
             "D_interval": interval([o[1] for o in opt]), "predicted_loss": float(parametric_loss(p3, n, d)),
             "interval": _band(log_b, residuals(result))}
@@ -89,19 +91,32 @@ def parse_nd(text: str) -> tuple[float, float]:
     return n, d
 
 
-def _frontier(result: dict) -> tuple[dict, list[dict]]:
+def _frontier(result: dict, name: str) -> tuple[dict, list[dict]]:
     p2 = result.get("approach2") or {}
-    require(p2.get("frontier") is not None, "a compute multiplier needs a loss frontier: >= 3 IsoFLOP budgets")
+    minima = len(p2.get("minima") or [])
+    require(minima > FRONTIER_PARAMS, f"a compute multiplier needs a loss frontier through more minima than its "
+            f"{FRONTIER_PARAMS} parameters: {name} has {minima} IsoFLOP budgets with an interior minimum, add budgets")
+    require(p2.get("frontier") is not None, f"the loss frontier of {name} did not fit: see its IsoFLOP minima")
     boots = [b for b in p2.get("bootstrap") or [] if b.get("alpha") is not None]
     return p2["frontier"], boots
 
 
+def fit_compared(sweeps: Sequence[Points], n_boot: int = 100, seed: int = 0) -> list[dict]:
+    """Approach 2 of each sweep, bootstrapped independently: sweep i draws from the stream [seed, i + 1]."""
+    return [fit_points(p, n_boot=n_boot, seed=[seed, i + 1], approaches=(2,)) for i, p in enumerate(sweeps)]
+
+
 def compute_multiplier(result_a: dict, result_b: dict) -> dict:
-    """B's compute multiplier over A at the geometric mean of B's budgets (bootstrap replicates paired)."""
-    fa, boots_a = _frontier(result_a)
-    fb, boots_b = _frontier(result_b)
+    """B's compute multiplier over A at the geometric mean of B's budgets; replicate i pairs A's i-th
+    and B's i-th bootstrap, which must be independent draws (different seeds: `fit_compared`)."""
+    fa, boots_a = _frontier(result_a, "A")
+    fb, boots_b = _frontier(result_b, "B")
+    shared = boots_a and boots_b and result_a.get("bootstrap_seed", "A") == result_b.get("bootstrap_seed", "B")
+    require(not shared, "A and B were bootstrapped from the same seed, so their replicates share noise and the "
+            "interval would be too narrow: fit them with different seeds (predict.fit_compared)")
     c = float(np.exp(np.mean(np.log([m["C"] for m in result_b["approach2"]["minima"]]))))
     mult = lambda a, b: float(compute_for_loss(a, frontier_loss(b, c)) / c)  # noqa: E731
     pairs = [mult(a, b) for a, b in zip(boots_a, boots_b)]
-    return {"C": c, "multiplier": mult(fa, fb), "interval": interval(pairs), "bootstrap_ok": [len(pairs), len(pairs)],
-            "frontier_A": {k: fa[k] for k in ("E", "A", "alpha")}, "frontier_B": {k: fb[k] for k in ("E", "A", "alpha")}}
+    return {"C": c, "multiplier": mult(fa, fb), "interval": interval(pairs),
+            "bootstrap_ok": [len(pairs), len(pairs)], "frontier_A": {k: fa[k] for k in ("E", "A", "alpha")},
+            "frontier_B": {k: fb[k] for k in ("E", "A", "alpha")}}

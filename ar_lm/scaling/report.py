@@ -11,15 +11,20 @@ from typing import Optional
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_json
 from ar_lm.scaling.compute import ComputeModel
-from ar_lm.scaling.fit import fit_points
+from ar_lm.scaling.fit import fit_points, with_attention
 from ar_lm.scaling.plots import plot_fit, plot_frontiers
 from ar_lm.scaling.points import Points, points_from_csv, points_from_sweep, without_repeated_data
-from ar_lm.scaling.predict import compute_multiplier, parse_nd, predict_compute, predict_rows
+from ar_lm.scaling.predict import compute_multiplier, fit_compared, parse_nd, predict_compute, predict_rows
+from ar_lm.scaling.sweep_data import check_same_scoring
 
 
-def write_fit(pts: Points, out: Path, n_boot: int = 100, approaches=(1, 2, 3), full_grid: bool = False) -> dict:
-    """Fit `pts`, write OUT/fit.json and the plots; returns the fit."""
+def write_fit(pts: Points, out: Path, n_boot: int = 100, approaches=(1, 2, 3), full_grid: bool = False,
+              include_repeated: bool = False) -> dict:
+    """Fit `pts` (without the points that repeat their data unless `include_repeated`), write OUT/fit.json and
+    the plots; returns the fit."""
+    pts, repeated = (pts, []) if include_repeated else without_repeated_data(pts)
     result = fit_points(pts, n_boot=n_boot, approaches=approaches, full_grid=full_grid)
+    result |= {"stale_runs": list(pts.stale), "repeated_excluded": repeated}
     atomic_write_json(Path(out) / "fit.json", result)
     plot_fit(result, Path(out), pts)
     return result
@@ -35,9 +40,37 @@ def _ci(p: dict, k: str) -> str:
     return f" [{c[0]:.3g}, {c[1]:.3g}]" if c else ""
 
 
+def _conventions_line(result: dict) -> list[str]:
+    """What N and C count (fit.json's `conventions`), with their mismatch where there is one."""
+    conv = result.get("conventions")
+    if not conv:
+        return []
+    mismatch = f"; MISMATCH: {conv['mismatch']}" if conv.get("mismatch") else ""
+    return [f"[fit] conventions: N = {conv['N']['counts']}; {conv['C']['counts']}{mismatch}"]
+
+
+def _tokens_line(result: dict) -> list[str]:
+    """D_opt / N_opt at each budget (fit.json's `tokens_per_parameter`)."""
+    parts = []
+    for r in result.get("tokens_per_parameter") or []:
+        vals = ", ".join(f"{r[k]:.3g} (approach {k[-1]})" for k in ("approach2", "approach3") if r.get(k) is not None)
+        parts.append(f"C={r['C']:.3g}{' (C_ref)' if r['at'] == 'C_ref' else ''}: {vals}")
+    head = "[fit] tokens per parameter at the optimum (D_opt / N_opt; Chinchilla ~20): "
+    return [head + "; ".join(parts)] if parts else []
+
+
+def _g_line(p3: dict) -> list[str]:
+    """Approach 3's G (`parametric.asymptotic_exponents`) and the compute model it holds under."""
+    if p3.get("G") is None:
+        return []
+    exact = p3.get("compute_model") == "exact"
+    return [f"[fit] approach 3: G = {p3['G']:.4g}{_ci(p3, 'G')} (N_opt = G (C/6)^a under C = 6ND" +
+            ("; the 6ND-equivalent: this fit's compute model is exact, see the local exponents)" if exact else ")")]
+
+
 def format_report(result: dict) -> str:
     lines = [f"[fit] {result['n_points']} points; N = {result['n_kind']} parameters; "
-             f"compute model {result['compute']['kind']} (C = fpt(N) · D)"]
+             f"compute model {result['compute']['kind']} (C = fpt(N) · D)"] + _conventions_line(result)
     for i in (1, 2):
         p = result.get(f"approach{i}")
         if p:
@@ -68,9 +101,18 @@ def format_report(result: dict) -> str:
             lines.append(f"[fit] approach 3: N_opt ∝ C^{p3['a']:.3f}{_ci(p3, 'a')}, D_opt ∝ C^{p3['b']:.3f}{_ci(p3, 'b')}"
                          f" asymptotically; locally at C={p3['C_ref']:.3g}: C^{loc.get('a', float('nan')):.3f}, "
                          f"C^{loc.get('b', float('nan')):.3f}")
+        lines += _g_line(p3)
         if p3.get("floor") is not None:
             verdict = "above" if p3["E_minus_floor"] >= 0 else "BELOW"
             lines.append(f"[fit] entropy-rate floor {p3['floor']:.4f} nats: E is {verdict} it by {p3['E_minus_floor']:+.4f}")
+    lines += _tokens_line(result)
+    if result.get("repeated_excluded"):
+        rep = result["repeated_excluded"]
+        lines.append(f"[fit] not fitted: {len(rep)} points past one epoch of their train split (" + ", ".join(
+            f"N={r['N']:,.0f} D={r['D']:,.0f} {r['epochs']:.2f} epochs" for r in rep) + "): --include-repeated fits them")
+    if result.get("stale_runs"):
+        lines.append(f"[fit] not fitted: {len(result['stale_runs'])} finished runs the sweep no longer defines "
+                     f"({', '.join(result['stale_runs'])})")
     return "\n".join(lines)
 
 
@@ -100,7 +142,9 @@ def _load(source: str, flops_model: str) -> Points:
 
 
 def _compare(args, out: Path) -> int:
-    a, b = (fit_points(_load(s, args.flops_model), n_boot=args.bootstrap, approaches=(2,)) for s in args.compare)
+    if all((Path(s) / "sweep.json").is_file() for s in args.compare):
+        check_same_scoring(*map(Path, args.compare))
+    a, b = fit_compared([_load(s, args.flops_model) for s in args.compare], n_boot=args.bootstrap)
     result = compute_multiplier(a, b)
     atomic_write_json(out / "compare.json", result)
     plot_frontiers({"A": (a["approach2"]["frontier"], a["approach2"]["minima"]),
@@ -116,27 +160,31 @@ def fit_command(args) -> int:
     require(args.bootstrap >= 0, f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.compare:
         require(not (args.sweep_dir or args.points), "--compare takes its two inputs itself: drop SWEEP_DIR/--points")
+        require(args.attention_flops == "causal", "--compare fits with the runs' own (causal) attention FLOPs: "
+                "drop --attention-flops full")
         return _compare(args, Path(args.out or "compare"))
     require(bool(args.sweep_dir) != bool(args.points), "give either a SWEEP_DIR or --points CSV")
     pts = points_from_sweep(args.sweep_dir) if args.sweep_dir else points_from_csv(args.points, args.flops_model)
     test = _rows(points_from_csv(args.test, args.flops_model)) if args.test else []
     nd = [parse_nd(x) for x in args.predict or []]
     require(all(c > 0 for c in args.predict_compute or []), "--predict-compute needs positive FLOPs")
-    if args.exclude_repeated:
-        pts = without_repeated_data(pts)
+    pts, repeated = (pts, []) if args.include_repeated else without_repeated_data(pts)
+    counted = with_attention(pts, args.attention_flops)  # C as the fit counts it (fit_points recounts `pts` alike)
     if args.holdout_above is not None:
-        above = pts.C > args.holdout_above
+        above = counted.C > args.holdout_above
         require(above.any() and (~above).sum() >= 5, f"--holdout-above {args.holdout_above:g} must leave >= 5 points "
                 "below and some above")
-        test = _rows(pts.subset(above)) + test
-        pts = pts.subset(~above)
+        test = _rows(counted.subset(above)) + test
+        pts, counted = pts.subset(~above), counted.subset(~above)
     approaches = tuple(args.approach or (1, 2, 3))
     if 3 in approaches and len(pts.N) < 5:
         require(not args.approach and not (test or nd or args.predict_compute),
                 f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
         approaches = tuple(a for a in approaches if a != 3)
     out = Path(args.out or (Path(args.sweep_dir) / "fit" if args.sweep_dir else Path(args.points).with_suffix("")))
-    result = fit_points(pts, n_boot=args.bootstrap, approaches=approaches, full_grid=args.full_grid)
+    result = fit_points(pts, n_boot=args.bootstrap, approaches=approaches, full_grid=args.full_grid,
+                        attention=args.attention_flops)
+    result |= {"stale_runs": list(pts.stale), "repeated_excluded": repeated}
     print(format_report(result))
     if test:
         result["test"] = predict_rows(result, test)
@@ -150,6 +198,6 @@ def fit_command(args) -> int:
         print(f"[predict] C={c:.3g}: N_opt={p['N_opt']:,.0f}{_iv(p['N_interval'], '.3g')}, D_opt={p['D_opt']:,.0f}"
               f"{_iv(p['D_interval'], '.3g')}, loss {p['predicted_loss']:.4f}{_iv(p['interval'], '.4f')}")
     atomic_write_json(out / "fit.json", result)
-    plot_fit(result, out, pts)
+    plot_fit(result, out, counted)
     print(f"[fit] wrote {out / 'fit.json'} and plots", file=sys.stderr)
     return 0

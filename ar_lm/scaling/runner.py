@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fnmatch
+import functools
 import io
 import os
 import sys
@@ -29,16 +30,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from ar_lm.config import load_experiment_module, load_json, save_json
-from ar_lm.data.media import METRIC_LABELS, MediaOptions
-from ar_lm.data.prepare import make_dataset
-from ar_lm.data.synthetic import shape_images
+from ar_lm.data.dataset import TokenDataset
+from ar_lm.data.media import METRIC_LABELS
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_text, locked_json_update
 from ar_lm.parallel.placement import check_fits
 from ar_lm.scaling import downstream
+from ar_lm.scaling.compute import ShapeFamily
 from ar_lm.scaling.dispatch import (
     ExecOptions,
     check_options,
@@ -53,7 +52,8 @@ from ar_lm.scaling.executors import PointTask, run_local
 from ar_lm.scaling.holdout import fit_and_check
 from ar_lm.scaling.progress import LiveProgress, print_status
 from ar_lm.scaling.status import SweepStatus, config_sha
-from ar_lm.scaling.sweeps import DataSpec, Sweep, SweepPoint, wsd_compute
+from ar_lm.scaling.sweep_data import ensure_data, record_data
+from ar_lm.scaling.sweeps import Sweep, SweepPoint, wsd_compute
 from ar_lm.scaling.wandb_sweep import log_sweep_run
 from ar_lm.training import rundir
 
@@ -71,27 +71,6 @@ def load_sweep(path: str | Path) -> Sweep:
     names = [p.name for p in sweep.points]
     require(len(set(names)) == len(names), f"the sweep in {path} has duplicate point names")
     return sweep
-
-
-def ensure_data(sweep: Sweep, sweep_dir: Path, data_dir: Optional[str]) -> Path:
-    """The dataset: --data if given, else SWEEP_DIR/data made once from the sweep's DataSpec."""
-    if data_dir:
-        return Path(data_dir).absolute()
-    spec = sweep.data or DataSpec()
-    out = sweep_dir / "data"
-    if (out / "metadata.json").is_file():
-        return out
-    require(spec.source in ("stdlib", "synthetic", "shapes"),
-            f"DataSpec.source={spec.source!r} is unknown: use stdlib, synthetic or shapes (or pass --data)")
-    print(f"[sweep] preparing the {spec.source} dataset in {out}", file=sys.stderr, flush=True)
-    if spec.source == "shapes":  # the images as an array file kept in the sweep directory, prepared from it
-        npz = sweep_dir / "shapes.npz"
-        np.savez(npz, images=shape_images(spec.images, spec.image_size, spec.image_size, seed=0))
-        make_dataset(out, "images", "byte", media=MediaOptions(npz=str(npz), bits=spec.bits))
-        return out
-    make_dataset(out, spec.source, spec.tokenizer, spec.vocab_size, max_mb=spec.max_mb,
-                 synthetic_tokens=spec.synthetic_tokens)
-    return out
 
 
 def _point_config(point: SweepPoint, sweep: Sweep, sweep_dir: Path, data_dir: Path):
@@ -121,6 +100,10 @@ class SweepRunner:
     def status(self) -> dict:
         return self.store.read()
 
+    @functools.cached_property
+    def data_id(self) -> str:
+        return TokenDataset(self.data_dir).identity()["id"]
+
     def run_dir(self, name: str) -> Path:
         return self.dir / "runs" / name
 
@@ -128,7 +111,8 @@ class SweepRunner:
         return self.dir / "points" / f"{name}.json"
 
     def write_points(self, points) -> None:
-        """Write each point's config and add (or update) it in sweep.json, keeping the others."""
+        """Write each point's config and add (or update) it in sweep.json, keeping the others; sweep.json's
+        `current` names the sweep's points as defined now (a fit reads those, not points dropped since)."""
         for p in points:
             save_json(_point_config(p, self.sweep, self.dir, self.data_dir), self.config_path(p.name))
 
@@ -136,7 +120,11 @@ class SweepRunner:
             by_name = {entry["name"]: entry for entry in listing.get("points", [])}
             for p in points:
                 by_name[p.name] = {"name": p.name, "coords": p.coords, "config": str(self.config_path(p.name))}
-            listing.update(name=self.sweep.name, n_kind=self.sweep.n_kind, points=list(by_name.values()))
+            base = self.sweep.base  # the shape rule, and the exact compute model's shapes beyond the points
+            shapes = ShapeFamily(base.model, self.sweep.rule, base.data.seq_len, self.sweep.n_kind)
+            listing.update(name=self.sweep.name, n_kind=self.sweep.n_kind, points=list(by_name.values()),
+                           current=[p.name for p in self.sweep.points],  # what a fit reads: the sweep as defined now
+                           shapes=shapes.to_json())
 
         locked_json_update(self.dir / "sweep.json", add)
 
@@ -146,11 +134,14 @@ class SweepRunner:
         summary = rundir.read_summary(self.run_dir(name))
         if not (summary and summary.get("finished")):
             return False
+        ran_on = (rundir.recorded_data(self.run_dir(name)) or {}).get("id")
+        if ran_on is not None and ran_on != self.data_id:  # trained on other data: not this sweep's point
+            return False
         sha = config_sha(self.config_path(name))
         if self.store.get(name).get("config_sha") == sha:
             return True
         ran, wanted = rundir.load_run_config(self.run_dir(name)), load_json(self.config_path(name))
-        if rundir.function_differences(ran, wanted, trained=True):
+        if rundir.function_differences(ran, wanted, trained=True, measured=True):
             return False
         self.store.update(name, config_sha=sha)
         return True
@@ -166,8 +157,10 @@ class SweepRunner:
             if not (summary and summary.get("finished")) or (self.is_done(p.name) and trunk not in changed):
                 continue
             differ = rundir.function_differences(rundir.load_run_config(run), load_json(self.config_path(p.name)),
-                                                 trained=True)
-            what = ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in differ[:3]) or f"its trunk {trunk} changed"
+                                                 trained=True, measured=True)
+            ran_on = (rundir.recorded_data(run) or {}).get("id", self.data_id)
+            what = ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in differ[:3]) or (
+                f"data {ran_on} -> {self.data_id}" if ran_on != self.data_id else f"its trunk {trunk} changed")
             old = self.dir / "runs" / ".replaced" / f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             old.parent.mkdir(parents=True, exist_ok=True)
             os.replace(run, old)
@@ -260,7 +253,8 @@ def _run_flops(p: SweepPoint) -> float:
 
 def warn_repeats(rows: list[dict]) -> list[str]:
     """One stderr line per point that trained on more than one epoch of its train split (returned too)."""
-    lines = [f"[sweep] warning: {r['name']} repeats its train split ({r['epochs']:.2f} epochs)"
+    lines = [f"[sweep] warning: {r['name']} repeats its train split ({r['epochs']:.2f} epochs): the fit leaves it "
+             "out (`ar-lm fit --include-repeated` keeps it)"
              for r in rows if r.get("epochs") is not None and r["epochs"] > 1]
     for line in lines:
         print(line, file=sys.stderr)
@@ -306,6 +300,7 @@ def run_sweep(experiment: str, sweep_dir: Optional[str] = None, data_dir: Option
         data = ensure_data(sweep, out, data_dir)
         runner = SweepRunner(sweep, out, data, opts)
         runner.write_points(sweep.points)
+        record_data(out, data)
         t0 = time.time()
         result = runner.run(points)
         if lm_eval is not None:  # downstream tasks on the finished points (each once)
@@ -344,7 +339,6 @@ def _dry_run(sweep: Sweep, points, out: Path, data_dir: Optional[str], opts: Exe
 def _plan(points, target, out: Path, data_dir: Optional[str]) -> int:
     """`--plan TOPOLOGY`: every point compiled for the TPU slice (`ar_lm.plan.sweep`); the vocabulary of
     points that take the dataset's from --data, else from SWEEP_DIR/data once prepared."""
-    from ar_lm.data.dataset import TokenDataset
     from ar_lm.plan.sweep import plan_points
 
     vocab = None

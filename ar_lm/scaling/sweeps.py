@@ -15,22 +15,9 @@ from ar_lm.config import ExperimentConfig, ModelConfig
 from ar_lm.errors import UserError, require
 from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.scaling.hparams import HParamRule
+from ar_lm.scaling.shapes import ShapeRule
 from ar_lm.training.branch import branch_config
 from ar_lm.training.optimizer import cooldown_steps, warmup_steps
-
-
-@dataclasses.dataclass(frozen=True)
-class ShapeRule:
-    """How a target size becomes a shape: d_model a multiple of `head_dim` (n_heads = d_model /
-    head_dim), depth n_layers = max(1, round(d_model / aspect)), d_ff from the family's default
-    (4d or 8/3 d). One width fixes the whole shape, so sizes form a single monotone family."""
-
-    aspect: float = 32.0
-    head_dim: int = 16
-    max_width: int = 8192
-
-    def shape(self, d_model: int) -> tuple[int, int]:
-        return max(1, round(d_model / self.aspect)), d_model // self.head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +65,8 @@ def ladder(base: ModelConfig, rule: ShapeRule = ShapeRule(), n_kind: str = "non_
            max_params: float = 1e12) -> list[ModelConfig]:
     """Every shape under `rule` up to `max_params` (at least the smallest), by parameter count."""
     models = []
-    for d_model in range(rule.head_dim, rule.max_width + 1, rule.head_dim):
-        n_layers, n_heads = rule.shape(d_model)
-        cfg = dataclasses.replace(base, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=0, d_ff=0)
+    for d_model in rule.widths():
+        cfg = rule.model(base, d_model)
         if count_params(cfg, n_kind) > max_params and models:
             break
         models.append(cfg)
@@ -139,14 +125,39 @@ def _coords(cfg: ExperimentConfig, n_kind: str, **extra) -> dict:
     o = cfg.optim
     return {"N": count_params(cfg.model, n_kind), "n_kind": n_kind, "N_total": counts["total"],
             "N_non_embedding": counts["non_embedding"], "D": tokens, "C": fpt * tokens, "flops_per_token": fpt,
-            "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model, "lr": o.lr, "batch_size": cfg.data.batch_size,
+            "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model, "n_heads": cfg.model.n_heads,
+            "n_kv_heads": cfg.model.kv_heads, "d_ff": cfg.model.ff_dim, "lr": o.lr, "batch_size": cfg.data.batch_size,
             "b2": o.b2, "weight_decay": o.weight_decay,
             "warmup_steps": warmup_steps(o, cfg.total_steps, cfg.tokens_per_step), **extra}
 
 
+def replicate(points: list[SweepPoint], seeds: Sequence[int]) -> list[SweepPoint]:
+    """Each point once per seed s: `train.seed` = s, name `<name>_s<s>`, coords `seed` = s and `replicate_of` =
+    `<name>` (a fit averages the replicates of one point); a branch's trunk (`train.branch_of`, coords `trunk`)
+    becomes its own seed's trunk. No seeds: `points` as they are."""
+    if not seeds:
+        return points
+    require(all(int(s) == s and s >= 0 for s in seeds) and len(set(seeds)) == len(seeds),
+            f"seeds must be distinct integers >= 0, got {list(seeds)}: list each seed once")
+    names = {p.name for p in points}
+    seeded = lambda n, s: f"{n}_s{s}" if n in names else n  # noqa: E731  (a point's name; other text as it is)
+    out = []
+    for p in points:
+        for s in map(int, seeds):
+            train = dataclasses.replace(p.config.train, seed=s, branch_of=seeded(p.config.train.branch_of, s))
+            coords = {**p.coords, "seed": s, "replicate_of": p.name}
+            if "trunk" in coords:
+                coords["trunk"] = seeded(coords["trunk"], s)
+            name = seeded(p.name, s)
+            out.append(SweepPoint(name, dataclasses.replace(p.config, name=name, train=train), coords))
+    return out
+
+
 def grid_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[int], rule: ShapeRule = ShapeRule(),
-               n_kind: str = "non_embedding", hparams: Optional[HParamRule] = None) -> list[SweepPoint]:
-    """Every model size x every token budget (`hparams`: per-point hyperparameters, see `with_budget`)."""
+               n_kind: str = "non_embedding", hparams: Optional[HParamRule] = None,
+               seeds: Sequence[int] = ()) -> list[SweepPoint]:
+    """Every model size x every token budget (`hparams`: per-point hyperparameters, see `with_budget`;
+    `seeds`: each point once per seed, see `replicate`)."""
     points = []
     for i, n in enumerate(sizes):
         model = ladder_model(base.model, n, rule, n_kind)
@@ -154,16 +165,18 @@ def grid_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[
             cfg = with_budget(base, model, d, hparams=hparams, n_kind=n_kind)
             name = f"n{i}_d{j}"
             points.append(SweepPoint(name, dataclasses.replace(cfg, name=name), _coords(cfg, n_kind, size_index=i, tokens_index=j)))
-    return points
+    return replicate(points, seeds)
 
 
 def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_budget: int = 4, spread: float = 3.0,
                   center_tokens_per_param: float = 20.0, rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding",
-                  min_steps: int = 20, evals_per_run: int = 0, hparams: Optional[HParamRule] = None) -> list[SweepPoint]:
+                  min_steps: int = 20, evals_per_run: int = 0, hparams: Optional[HParamRule] = None,
+                  seeds: Sequence[int] = ()) -> list[SweepPoint]:
     """For each compute budget C, `sizes_per_budget` model sizes spaced log-evenly over a factor of
     `spread` on each side of the D = 20 N guess (N* = sqrt(C / (6 * 20))), with
     D = C / flops_per_token(N) so every point spends C (up to rounding of the step count);
-    `evals_per_run` periodic evals per run and `hparams` per-point hyperparameters (see `with_budget`)."""
+    `evals_per_run` periodic evals per run and `hparams` per-point hyperparameters (see `with_budget`);
+    `seeds`: each point once per seed (`replicate`)."""
     require(budgets, "an IsoFLOP sweep needs at least one budget")
     require(base.model.vocab_size > 0, "set model.vocab_size to the tokenizer's vocabulary (e.g. 257 for byte) so FLOPs are exact")
     require(sizes_per_budget >= 1, "sizes_per_budget must be >= 1")
@@ -185,13 +198,13 @@ def isoflop_sweep(base: ExperimentConfig, budgets: Sequence[float], sizes_per_bu
             name = f"c{b}_n{k}"
             points.append(SweepPoint(name, dataclasses.replace(cfg, name=name),
                                      _coords(cfg, n_kind, budget=float(budget), budget_index=b, size_index=k)))
-    return points
+    return replicate(points, seeds)
 
 
 def wsd_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[int] = (),
               tokens_per_param: Sequence[float] = (), flops: Sequence[float] = (), cooldown_frac: float = 0.2,
               rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding", evals_per_run: int = 0,
-              hparams: Optional[HParamRule] = None) -> list[SweepPoint]:
+              hparams: Optional[HParamRule] = None, seeds: Sequence[int] = ()) -> list[SweepPoint]:
     """A WSD ladder (Hägele et al. 2024): per size one trunk at constant lr, trained to the first step of
     the largest budget's cooldown with a kept checkpoint at every branch point, then one cooldown branch
     per data budget (`ar_lm.training.branch`). Budgets are `tokens`, `tokens_per_param` (D = r N) or
@@ -202,7 +215,8 @@ def wsd_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[i
     `C_run` is what running the point costs (the trunk: its steps; a branch: its cooldown). `hparams`
     resolves once per size, at the largest budget (a trunk and its branches share one lr and batch);
     `evals_per_run` evaluations fall within the smallest budget, and the trunk and its branches
-    evaluate at that interval (Approach 1's validation curves)."""
+    evaluate at that interval (Approach 1's validation curves). `seeds`: the trunk and its branches once
+    per seed (`replicate`), each branch on its own seed's trunk."""
     require(sum(map(bool, (tokens, tokens_per_param, flops))) == 1,
             "a WSD sweep takes one kind of budget: tokens, tokens_per_param or flops")
     require(0 < cooldown_frac <= 1, f"cooldown_frac must be in (0, 1], got {cooldown_frac}")
@@ -221,6 +235,10 @@ def wsd_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[i
         cooldown = dataclasses.replace(sized.optim, schedule="wsd", cooldown_steps=0, cooldown_frac=cooldown_frac)
         starts = [t - cooldown_steps(cooldown, t) for t in steps]
         require(min(starts) >= 1, f"size {n_actual:,}: the smallest budget ({steps[0]} steps) is all cooldown: raise it")
+        warm = _shared_warmup(sized, steps, starts, n_actual)  # the held-out run's recipe too (coords warmup_flops)
+        recipe = {"warmup_flops": sized.optim.warmup_frac * min(flops)} if flops and not _explicit_warmup(sized) else {}
+        sized = dataclasses.replace(sized, optim=dataclasses.replace(sized.optim, warmup_steps=warm, warmup_tokens=0,
+                                                                      warmup_frac=0.0))
         trunk = with_budget(sized, model, max(starts) * per_step)
         eval_every = max(1, steps[0] // evals_per_run) if evals_per_run > 0 else trunk.train.eval_every
         trunk = dataclasses.replace(trunk, name=f"n{i}_trunk", train=dataclasses.replace(
@@ -232,10 +250,28 @@ def wsd_sweep(base: ExperimentConfig, sizes: Sequence[float], tokens: Sequence[i
             cfg = dataclasses.replace(cfg, name=f"n{i}_d{j}")
             budget = {"budget": by_tokens[budgets[j]], "budget_index": j} if flops else {}
             coords = _coords(cfg, n_kind, size_index=i, tokens_index=j, role="branch", trunk=trunk.name,
-                             branch_step=cfg.train.branch_step, **budget)
+                             branch_step=cfg.train.branch_step, **budget, **recipe)
             run_share = (cfg.total_steps - cfg.train.branch_step) / cfg.total_steps
             points.append(SweepPoint(cfg.name, cfg, {**coords, "C_run": coords["C"] * run_share}))
-    return points
+    return replicate(points, seeds)
+
+
+def _explicit_warmup(cfg: ExperimentConfig) -> bool:
+    return bool(cfg.optim.warmup_steps or cfg.optim.warmup_tokens)
+
+
+def _shared_warmup(sized: ExperimentConfig, steps: list[int], starts: list[int], n: int) -> int:
+    """The warmup W (steps) a trunk and all its branches share: the base's explicit `warmup_steps`/`warmup_tokens`,
+    else `warmup_frac` of the smallest budget's run, so that with FLOP budgets every size warms up for the same
+    share of each budget (the same compute) and the warmup share does not grow with N along an IsoFLOP curve
+    (Porian et al. 2024). Every branch must cool down after it: W < its cooldown's first step."""
+    o = sized.optim
+    explicit = warmup_steps(o, steps[-1], sized.tokens_per_step)
+    warm = explicit if _explicit_warmup(sized) else round(o.warmup_frac * steps[0])
+    for t, start in zip(steps, starts):
+        require(warm == 0 or warm < start, f"size {n:,}: the warmup ({warm} steps) does not end before the cooldown "
+                f"of the {t}-step budget starts (step {start}): lower the warmup or raise the smallest budget")
+    return warm
 
 
 def wsd_compute(points: Sequence[SweepPoint]) -> dict:
@@ -247,10 +283,12 @@ def wsd_compute(points: Sequence[SweepPoint]) -> dict:
 
 
 def lr_sweep(base: ExperimentConfig, sizes: Sequence[float], lrs: Sequence[float], tokens_per_param: float = 20.0,
-             batch_sizes: Sequence[int] = (), rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding") -> list[SweepPoint]:
+             batch_sizes: Sequence[int] = (), rule: ShapeRule = ShapeRule(), n_kind: str = "non_embedding",
+             seeds: Sequence[int] = ()) -> list[SweepPoint]:
     """Every ladder size x every lr (x every batch size), each trained on tokens_per_param · N tokens.
     Points `n<i>_lr<j>` (`_b<k>` with several batch sizes); coords carry lr and batch_size, and
-    `ar-lm fit-lr` (`ar_lm.scaling.hparams.fit_lr_sweep`) fits the optimal lr per size."""
+    `ar-lm fit-lr` (`ar_lm.scaling.hparams.fit_lr_sweep`) fits the optimal lr per size; `seeds`: each
+    point once per seed (`replicate`), averaged by the fit."""
     require(len(lrs) >= 3, f"an lr sweep needs at least 3 learning rates to find an optimum, got {len(lrs)}")
     batches = tuple(batch_sizes) or (base.data.batch_size,)
     points = []
@@ -264,13 +302,23 @@ def lr_sweep(base: ExperimentConfig, sizes: Sequence[float], lrs: Sequence[float
                 cfg = with_budget(cfg, model, tokens)
                 name = f"n{i}_lr{j}" + (f"_b{k}" if len(batches) > 1 else "")
                 points.append(SweepPoint(name, dataclasses.replace(cfg, name=name), _coords(cfg, n_kind, size_index=i)))
-    return points
+    return replicate(points, seeds)
 
 
 def compute_optimal_point(base: ExperimentConfig, budget: float, n_opt: float, name: str, rule: ShapeRule = ShapeRule(),
-                          n_kind: str = "non_embedding", hparams: Optional[HParamRule] = None) -> SweepPoint:
-    """One run at `budget` with the ladder model closest to `n_opt` parameters (and the sweep's `hparams`)."""
+                          n_kind: str = "non_embedding", hparams: Optional[HParamRule] = None,
+                          points: Sequence[SweepPoint] = ()) -> SweepPoint:
+    """One run at `budget` with the ladder model closest to `n_opt` parameters, the sweep's `hparams`, and the
+    warmup recipe of its fit `points`: a WSD ladder's warmup of a fixed compute (coords `warmup_flops`) becomes
+    that many FLOPs here too; otherwise the base's warmup (a fraction of the run, or fixed steps/tokens)."""
     model = ladder_model(base.model, n_opt, rule, n_kind)
     fpt = _run_fpt(model, base.data.seq_len)
+    recipes = {p.coords["warmup_flops"] for p in points if "warmup_flops" in p.coords}
+    require(len(recipes) <= 1, f"the sweep's points warm up for different compute ({sorted(recipes)}): "
+            "build them with one warmup recipe")
+    if recipes:
+        optim = dataclasses.replace(base.optim, warmup_steps=0, warmup_frac=0.0,
+                                    warmup_tokens=max(1, round(recipes.pop() / fpt)))
+        base = dataclasses.replace(base, optim=optim)
     cfg = with_budget(base, model, int(budget / fpt), hparams=hparams, n_kind=n_kind)
     return SweepPoint(name, dataclasses.replace(cfg, name=name), _coords(cfg, n_kind, budget=float(budget)))

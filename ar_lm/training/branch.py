@@ -56,6 +56,8 @@ def branch_config(trunk: ExperimentConfig, at_tokens: int, cooldown_frac: Option
         require(start <= stable, f"--at-tokens {at_tokens:,}: its cooldown starts at step {start}, after the trunk's "
                 f"own cooldown began at step {stable}: branch at a smaller budget")
     warm = warmup_steps(o, t_trunk, trunk.tokens_per_step)  # a straight wsd run with this W warms up the same way
+    require(warm == 0 or warm < start, f"--at-tokens {at_tokens:,}: its cooldown starts at step {start}, before the "
+            f"trunk's warmup ({warm} steps) ends: branch at a larger budget or warm the trunk up for fewer steps")
     optim = dataclasses.replace(cooldown, warmup_steps=warm, warmup_tokens=0, warmup_frac=0.0, cooldown_steps=k)
     train = dataclasses.replace(trunk.train, steps=steps, tokens=0, checkpoint_at_tokens=(), branch_of=parent,
                                 branch_step=start)

@@ -118,18 +118,16 @@ def evaluate_run(
     stride = seq_len if stride is None else stride
     require(0 < stride <= seq_len, f"--stride must be in [1, data.seq_len={seq_len}], got {stride}")
     dataset = TokenDataset(data_dir or cfg.data.path)
-    require(
-        dataset.vocab_size == cfg.model.vocab_size,
-        f"dataset {dataset.path} has {dataset.vocab_size} tokens but the run's model has {cfg.model.vocab_size}: "
-        "evaluate on data made with the run's tokenizer",
-    )
+    require(dataset.vocab_size == cfg.model.vocab_size, f"dataset {dataset.path} has {dataset.vocab_size} tokens but "
+            f"the run's model has {cfg.model.vocab_size}: evaluate on data made with the run's tokenizer")
+    rundir.check_same_data(run_dir, dataset.path, dataset.identity(), "run", tokenizer_only=True)
     info = require_split(dataset, split)
     pidx, pcount = jax.process_index(), jax.process_count()
     if whole:
         data = strided_batches(dataset, split, seq_len, stride, batch, pidx, pcount)
     else:
         budget = max_tokens if batches is None else batches * batch * seq_len
-        data = eval_batches(dataset, seq_len, batch, budget, cfg.train.seed, split, pidx, pcount)
+        data = eval_batches(dataset, seq_len, batch, budget, cfg.data.eval_seed, split, pidx, pcount)
     mesh_cfg = inference_mesh(cfg.mesh, batch)  # the run's mesh may need more devices than here
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     mesh, rules = make_mesh(mesh_cfg), logical_rules(mesh_cfg)

@@ -29,7 +29,7 @@ from ar_lm.training.branch import start_branch
 from ar_lm.training.checkpoint import Checkpointer
 from ar_lm.training.evaluate import evaluate, make_eval_step, token_tables
 from ar_lm.training.metrics import RunLogger, eval_set_records, peak_flops_per_device
-from ar_lm.training.optimizer import run_optimizer
+from ar_lm.training.optimizer import check_schedule, run_optimizer
 from ar_lm.training.scheduled_sampling import SS_METRICS
 from ar_lm.training.state import abstract_state, init_state, state_shardings
 from ar_lm.training.step import make_train_step, remat_for_device_memory
@@ -51,7 +51,9 @@ def prepare_config(cfg: ExperimentConfig, dataset: TokenDataset) -> ExperimentCo
             f"model.vocab_size={cfg.model.vocab_size} does not match the dataset's tokenizer ({dataset.vocab_size} "
             f"tokens in {dataset.path}): set model.vocab_size=0 to take it from the data"
         )
-    return validate(cfg)
+    cfg = validate(cfg)
+    check_schedule(cfg)
+    return cfg
 
 
 def check_parallelism(cfg: ExperimentConfig, devices=None):
@@ -88,12 +90,16 @@ def train(
     check_parallelism(cfg)
     cfg = remat_for_device_memory(cfg, dataset.eos_id)  # model.remat=auto on GPU/TPU: by compiled memory
     pipelines = _pipelines(cfg, dataset)  # every check passes before the first write
+    identity = dataset.identity()
+    if cfg.train.branch_of:
+        rundir.check_same_data(Path(cfg.train.branch_of).absolute(), dataset.path, identity, "the branch's trunk")
     run_dir.mkdir(parents=True, exist_ok=True)
     # process 0 holds the run directory's lock for the whole multi-process run
     with rundir.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
         if cfg.train.branch_of and not rundir.is_run_dir(run_dir) and jax.process_index() == 0:
             start_branch(run_dir, cfg)  # a cooldown branch starts from its trunk
         if rundir.is_run_dir(run_dir):
+            rundir.check_same_data(run_dir, dataset.path, identity)
             changed = rundir.check_resume_compatible(run_dir, cfg, trained=_has_trained(run_dir))
             if changed and jax.process_index() == 0:
                 print("[train] resuming with other speed settings (the same function): "
@@ -122,10 +128,10 @@ def _pipelines(cfg: ExperimentConfig, dataset: TokenDataset):
     every split and eval set's tokenizer is checked here)."""
     pidx, pcount = jax.process_index(), jax.process_count()
     train_ds = train_dataset(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.data.shuffle_seed, pidx, pcount)
-    val = eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_tokens, cfg.train.seed, "val",
-                       pidx, pcount)  # the same windows at every evaluation
+    val = eval_batches(dataset, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_tokens, cfg.data.eval_seed,
+                       "val", pidx, pcount)  # the same windows at every evaluation
     eval_sets = {s.name: eval_batches(data, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_tokens,
-                                      cfg.train.seed, s.split, pidx, pcount)
+                                      cfg.data.eval_seed, s.split, pidx, pcount)
                  for s, data in open_eval_sets(cfg.data.eval_sets, dataset)}
     return train_ds, val, eval_sets
 
@@ -214,6 +220,7 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds
     if jax.process_index() == 0:
         rundir.write_config(run_dir, cfg)
         rundir.copy_tokenizer(run_dir, dataset.path, dataset.meta)
+        rundir.write_data(run_dir, dataset.path, dataset.identity())
     return _Run(
         cfg, run_dir, mesh, rules, batch_sharding, ckpt, data_iter,
         RunLogger(run_dir, to_dict(cfg), cfg.logging, cfg.total_steps, resume_step=start), state, start,

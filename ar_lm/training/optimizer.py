@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from ar_lm.config import ExperimentConfig, OptimConfig
+from ar_lm.errors import require
 from ar_lm.model.mup import lr_multipliers
 from ar_lm.model.transformer import init_params
 
@@ -31,6 +32,17 @@ def cooldown_steps(cfg: OptimConfig, total_steps: int) -> int:
     """K, the wsd cooldown's length: `cooldown_steps`, else `cooldown_frac * T` (rounded); 1..T."""
     k = cfg.cooldown_steps or round(cfg.cooldown_frac * total_steps)
     return max(1, min(k, total_steps))
+
+
+def check_schedule(cfg: ExperimentConfig) -> None:
+    """A `wsd` run warms up before it cools down: W < T - K (W = 0 aside), or a UserError. Past that the
+    warmup would cross into the cooldown, and the lr would jump back to its peak and end there."""
+    o, t = cfg.optim, cfg.total_steps
+    if o.schedule != "wsd":
+        return
+    w, k = warmup_steps(o, t, cfg.tokens_per_step), cooldown_steps(o, t)
+    require(w == 0 or w < t - k, f"{cfg.name}: the warmup ({w} steps) does not end before the wsd cooldown starts "
+            f"(step {t - k} of {t}): shorten optim.warmup_steps/warmup_tokens/warmup_frac or the cooldown")
 
 
 COOLDOWN_SHAPES = {  # g(p), p in (0, 1] the cooldown's progress: 1 -> 0 (Hägele et al. 2024, Fig. 3)

@@ -2,6 +2,7 @@
 
     RUN_DIR/config.json        the full resolved ExperimentConfig
     RUN_DIR/tokenizer/         copy of the dataset's tokenizer (+ its metadata) for eval/generate
+    RUN_DIR/data.json          the dataset it trained on: path and identity (`TokenDataset.identity`)
     RUN_DIR/metrics.jsonl      one JSON record per logged step (train) and per evaluation (val)
     RUN_DIR/checkpoints/<step> orbax checkpoints (train state + data iterator state)
     RUN_DIR/summary.json       final metrics, written atomically when the run finishes
@@ -19,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from ar_lm.config import ExperimentConfig, load_json, save_json, to_dict
+from ar_lm.data.dataset import identity_difference
 from ar_lm.errors import UserError, require
 from ar_lm.io import atomic_write_json
 
@@ -27,6 +29,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
+DATA = "data.json"
 LM_EVAL_RESULTS = "lm_eval/results.json"  # `ar-lm lm-eval` (decoding/harness_command.py)
 
 
@@ -45,6 +48,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 SPEED_FIELDS = ("model.remat", "model.attention", "model.logits_chunk", "model.scan_layers", "model.compute_dtype")
 DATA_ORDER_FIELDS = ("data.seq_len", "data.batch_size", "data.shuffle_seed")
 DATA_FUNCTION_FIELDS = ("data.document_mask",)  # what the model computes on the same windows
+MEASUREMENT_FIELDS = ("train.eval_tokens", "data.eval_seed", "data.eval_sets")  # which val windows score it
 TRAINING_FIELDS = ("train.steps", "train.tokens", "train.seed",  # with all of optim: the updates so far
                    "train.ss_schedule", "train.ss_start", "train.ss_end", "train.ss_k", "train.ss_token")
 
@@ -54,12 +58,14 @@ def _flat(cfg: ExperimentConfig) -> dict:
             for k, v in fields.items()}
 
 
-def function_differences(saved: ExperimentConfig, cfg: ExperimentConfig, trained: bool) -> list[tuple]:
+def function_differences(saved: ExperimentConfig, cfg: ExperimentConfig, trained: bool,
+                         measured: bool = False) -> list[tuple]:
     """(field, saved, new) for the fields that change the function a run computes or the order of its data:
     the architecture (with document masking) and the data order; once it has trained, also the optimizer and
-    the schedule's length."""
+    the schedule's length; `measured` (a sweep reusing a finished run as its point): also what its val loss
+    was scored on (`MEASUREMENT_FIELDS`)."""
     keys = [k for k in _flat(saved) if k.startswith("model.") and k not in SPEED_FIELDS]
-    keys += list(DATA_FUNCTION_FIELDS) + list(DATA_ORDER_FIELDS)
+    keys += list(DATA_FUNCTION_FIELDS) + list(DATA_ORDER_FIELDS) + list(MEASUREMENT_FIELDS if measured else ())
     if trained:
         keys += [k for k in _flat(saved) if k.startswith("optim.")] + list(TRAINING_FIELDS)
     return [(k, was, now) for k, was, now in _changed(saved, cfg, keys)
@@ -99,6 +105,39 @@ def copy_tokenizer(run_dir: Path, data_dir: Path, meta: dict) -> None:
     media = {k: meta[k] for k in ("modality", "image", "audio") if k in meta}  # what generation writes back
     chat = {k: v for k, v in meta.get("source", {}).items() if k == "chat_template"}  # `generate --chat`
     atomic_write_json(dest / "metadata.json", {"tokenizer": meta["tokenizer"], **media, **chat})
+
+
+def write_data(run_dir: Path, data_path: Path, identity: dict) -> None:
+    """Record the dataset a run trains on (once: a resumed run checks it instead, `check_same_data`)."""
+    if not (Path(run_dir) / DATA).is_file():
+        atomic_write_json(Path(run_dir) / DATA, {"path": str(data_path), **identity})
+
+
+def recorded_data(run_dir: Path) -> dict | None:
+    """RUN_DIR/data.json; for a run from before it was written, its tokenizer copy's checksum only."""
+    for path, read in ((Path(run_dir) / DATA, lambda d: d),
+                       (Path(run_dir) / TOKENIZER / "metadata.json", lambda d: {"tokenizer": d["tokenizer"]["sha256"]})):
+        try:
+            return read(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+    return None
+
+
+def check_same_data(run_dir: Path, data_path: Path, identity: dict, role: str = "run directory",
+                    tokenizer_only: bool = False) -> None:
+    """`data_path` (with `identity`) is the data `run_dir` trained on (only its tokenizer: `tokenizer_only`),
+    or a UserError naming both. A run without a record passes."""
+    rec = recorded_data(run_dir)
+    if rec is None:
+        return
+    if tokenizer_only or "splits" not in rec:
+        rec, identity = {"tokenizer": rec["tokenizer"]}, {"tokenizer": identity["tokenizer"]}
+    diff = identity_difference(rec, identity)
+    where = f"{rec['path']} (data {rec['id']})" if "path" in rec else "another dataset"
+    require(not diff, f"{role} {run_dir} was trained on {where}, and {data_path} holds {diff}: "
+            + ("use data made with the run's tokenizer" if tokenizer_only else
+               f"resume with --data {rec.get('path', 'DATA_DIR')} (the same data) or use a new --run-dir"))
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
