@@ -31,7 +31,7 @@ def config() -> ExperimentConfig:
         name="pixels_cpu",
         model=ModelConfig(family="gpt2", vocab_size=17, max_seq_len=IMAGE_TOKENS),  # 16 levels + end of image
         data=DataConfig(seq_len=IMAGE_TOKENS, batch_size=16),
-        optim=OptimConfig(lr=4e-3, schedule="wsd", cooldown_frac=COOLDOWN_FRAC, warmup_steps=50, final_lr_frac=0.1,
+        optim=OptimConfig(lr=4e-3, schedule="wsd", cooldown_frac=COOLDOWN_FRAC, warmup_frac=0.05, final_lr_frac=0.1,
                           weight_decay=0.1),
         train=TrainConfig(eval_every=0, eval_tokens=32768, log_every=10, checkpoint_every=2000, keep_checkpoints=1),
         mesh=MeshConfig(devices=1),
