@@ -1,7 +1,7 @@
 """ar_lm: autoregressive language-model scaling experiments in JAX/Flax.
 
 One package per layer of the design, lowest first; a module imports its own package and lower layers
-only (tests/test_architecture.py checks it, docs/design.md explains it):
+only (tests/test_architecture.py checks it, docs/explanation/design.md explains it):
 
 - base: `config` (frozen config dataclasses), `errors` (user errors, exit statuses), `io` (atomic writes)
 - `model` (the transformer and its exact counts) and `data` (sources, tokenizers, datasets, pipelines)

@@ -6,12 +6,16 @@ Every user mistake is one line on stderr and exit status 2; `--debug` shows trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from ar_lm.errors import EXIT_FAILURE, EXIT_NONFINITE, EXIT_USAGE, NonFiniteError, UserError
 
 COMPILING = ("train", "cooldown", "eval", "generate", "lm-eval", "compress", "decompress")  # they keep JAX's persistent compilation cache
+RUN_DIR_HELP = "a run directory (written by `ar-lm train` or `ar-lm import-hf`); its latest checkpoint"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,18 +24,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prepare(p) -> None:
-    p.add_argument("--source", choices=("stdlib", "files", "synthetic", "chat", "images", "audio"), required=True)
+    p.add_argument("--source", choices=("stdlib", "files", "synthetic", "chat", "images", "audio"), required=True,
+                   help="what to tokenize: the standard library's .py files, your files, a Markov chain, ...")
     p.add_argument("--chat-template", metavar="NAME|tokenizer_config.json", help="chat: chatml, llama3, gemma or a "
                    "Hugging Face tokenizer_config.json's chat_template (conversations: .jsonl of {\"messages\": [...]})")
     p.add_argument("--files", nargs="*", default=[], help="files, globs or directories (.txt/.jsonl/.parquet; "
-                   "images: PNG/JPEG; audio: WAV); with --val-files: the train split")
+                   "images: PNG/JPEG; audio: WAV), each file read once; with --val-files: the train split; a few "
+                   "text files alone are cut into documents for the val split")
     p.add_argument("--val-files", nargs="*", default=[], help="the val split's files (no hash split then)")
     p.add_argument("--test-files", nargs="*", default=[], help="a test split's files")
     p.add_argument("--tokenizer", choices=("sentencepiece", "byte", "char"), help="text sources (default byte)")
     p.add_argument("--tokenizer-from", metavar="DATA_DIR", help="use this dataset's tokenizer instead of training "
                    "one (the same tokens: e.g. for data.eval_sets); --files may then be left out")
-    p.add_argument("--vocab-size", type=int, default=0, help="sentencepiece (required) or char (cap)")
-    p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--vocab-size", type=int, default=0, help="sentencepiece (required; a small corpus "
+                   "may give fewer, said and recorded in metadata.json) or char (cap)")
+    p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece's algorithm")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents hashed to val "
                    "(without --val-files)")
     p.add_argument("--max-mb", type=float, default=0.0, help="stop reading the (train) source after this many MB "
@@ -81,7 +88,7 @@ def _cooldown(p) -> None:
 
 
 def _eval(p) -> None:
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--data", help="dataset directory (default: the run's own)")
     p.add_argument("--split", default="val", help="split to score: val (default) or test")
     scope = p.add_mutually_exclusive_group()
@@ -118,9 +125,9 @@ def _sweep(p) -> None:
     p.add_argument("--launcher", choices=("local", "tpu"), default="local",
                    help="tpu: run the points on a TPU pod's workers, placed by chips, coordinated from here")
     p.add_argument("--tpu-name", default=env["name"], help="tpu: TPU VM name, or NAME,NAME,... for several slices")
-    p.add_argument("--tpu-zone", default=env["zone"])
+    p.add_argument("--tpu-zone", default=env["zone"], help="tpu: zone")
     p.add_argument("--tpu-accelerator", default=env["accelerator"], help="tpu: e.g. v4-32, v5litepod-16")
-    p.add_argument("--tpu-project", default=env["project"])
+    p.add_argument("--tpu-project", default=env["project"], help="tpu: Google Cloud project")
     p.add_argument("--status", action="store_true", help="print the sweep's progress table from its directory and exit")
     p.add_argument("--dry-run", action="store_true", help="print the points and what would run where, run nothing")
     p.add_argument("--only", help="run only points whose name matches this glob (no fit)")
@@ -147,7 +154,7 @@ def _plan(p) -> None:
 
 
 def _fit(p) -> None:
-    p.add_argument("sweep_dir", nargs="?")
+    p.add_argument("sweep_dir", nargs="?", help="a sweep directory (or give --points)")
     p.add_argument("--points", help="CSV with columns params,tokens,loss or params,flops,loss")
     p.add_argument("--out", help="output directory for fit.json and plots (default: SWEEP_DIR/fit or next to the CSV)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
@@ -182,7 +189,7 @@ def _launch(p) -> None:
     from ar_lm.parallel.launch import DEFAULTS, settings_from_env
 
     env = settings_from_env()
-    p.add_argument("launcher", choices=("local", "tpu", "slurm"))
+    p.add_argument("launcher", choices=("local", "tpu", "slurm"), help="where the command runs")
     p.add_argument("--dry-run", action="store_true", help="print the exact commands, run nothing")
     p.add_argument("--processes", type=int, default=DEFAULTS["processes"], help="local: processes")
     p.add_argument("--devices-per-process", type=int, default=DEFAULTS["devices_per_process"],
@@ -192,7 +199,7 @@ def _launch(p) -> None:
     p.add_argument("--zone", default=env["zone"], help="tpu: zone")
     p.add_argument("--accelerator", default=env["accelerator"], help="tpu: e.g. v5litepod-16")
     p.add_argument("--version", default=env["version"], help="tpu: runtime")
-    p.add_argument("--project", default=env["project"])
+    p.add_argument("--project", default=env["project"], help="tpu: Google Cloud project")
     p.add_argument("--spot", action="store_true", help="tpu: preemptible (spot) capacity")
     p.add_argument("--queued", action="store_true", help="tpu: create through queued resources")
     p.add_argument("--queued-timeout", type=float, default=3600.0,
@@ -206,7 +213,7 @@ def _launch(p) -> None:
 
 
 def _generate(p) -> None:
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--prompt", help="text to continue (starts a new document)")
     p.add_argument("--chat", action="store_true", help="a conversation: user turns from stdin line by line, each "
                    "reply printed, the KV cache reused across turns (the run's chat template)")
@@ -215,7 +222,8 @@ def _generate(p) -> None:
     p.add_argument("--system", metavar="TEXT", help="--chat: a system message that opens the conversation")
     p.add_argument("--prompt-ids", help="token ids to continue, e.g. '464, 3290' (for runs without a text tokenizer)")
     p.add_argument("--eos-id", type=int, help="stop at this token id (default: the tokenizer's end of document)")
-    p.add_argument("--max-new-tokens", type=int, help="default: 64, or what fits in the context")
+    p.add_argument("--max-new-tokens", type=int, help="default: 64, or what fits in the context; more slides the "
+                   "window: each token past the context sees the last max_seq_len - 1 tokens")
     p.add_argument("--temperature", type=float, help="default 1 (the model's distribution); 0 = greedy")
     p.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with mass >= P (0 < P <= 1)")
@@ -225,7 +233,7 @@ def _generate(p) -> None:
     p.add_argument("--draft", help="draft RUN_DIR (same tokenizer) for speculative decoding")
     p.add_argument("--draft-tokens", type=int, default=4, help="speculative: tokens proposed per target pass")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (not streamed when > 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print JSON with tokens and log-probs instead of text")
     p.add_argument("--image-out", help="image run: write --num-samples whole images as one grid PNG here")
     p.add_argument("--prompt-image", help="image run: complete this image's top --prompt-rows rows")
@@ -237,7 +245,7 @@ def _generate(p) -> None:
 
 
 def _lm_eval(p) -> None:
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--tasks", required=True, help="lm-eval task names (or globs) separated by commas")
     p.add_argument("--include-path", help="folder of task YAML files (local tasks), searched before lm-eval's own")
     p.add_argument("--limit", type=int, help="at most N examples per task (default: all)")
@@ -255,13 +263,13 @@ def _codec(verb: str):
 
 
 def _import_hf(p) -> None:
-    p.add_argument("hf_dir")
-    p.add_argument("run_dir")
+    p.add_argument("hf_dir", help="a Hugging Face model directory (config.json + weights)")
+    p.add_argument("run_dir", help="the run directory to create")
 
 
 def _export_hf(p) -> None:
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
+    p.add_argument("out_dir", help="the Hugging Face directory to write")
 
 
 # command -> (help, argument builder, module, function); the module is imported only when its command runs
@@ -324,7 +332,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# command -> its arguments that name an existing run directory to read
+READS_RUN_DIR = {**dict.fromkeys(("eval", "lm-eval", "compress", "decompress", "export-hf"), ("run_dir",)),
+                 "generate": ("run_dir", "draft"), "cooldown": ("trunk_dir",)}
+
+
+def check_run_dirs(args: argparse.Namespace) -> None:
+    """Every run directory the command reads holds a config.json: one message for every command."""
+    for name in READS_RUN_DIR.get(args.command, ()):
+        path = getattr(args, name, None)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            what = "does not exist" if not Path(path).exists() else "is not an ar_lm run directory (no config.json)"
+            raise UserError(f"{path} {what}: pass a directory written by `ar-lm train` (or `ar-lm import-hf`)")
+
+
 def dispatch(args: argparse.Namespace) -> int:
+    check_run_dirs(args)
     if args.command in COMPILING or args.command in ("plan", "sweep"):
         from ar_lm.parallel.runtime import set_backend_xla_flags
 
@@ -337,6 +360,13 @@ def dispatch(args: argparse.Namespace) -> int:
     return getattr(importlib.import_module(module), function)(args)
 
 
+def _closed_pipe() -> int:
+    """stdout's reader went away (`ar-lm config X | head -1`): stop quietly with 141, as `yes | head` does."""
+    with contextlib.suppress(OSError, ValueError):  # what is still buffered goes nowhere: exit's flush succeeds
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13  # killed by SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -345,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
 
         absl.logging.set_verbosity(absl.logging.ERROR)
     try:
-        return dispatch(parse(argv))
+        code = dispatch(parse(argv))
+        sys.stdout.flush()  # a reader that went away shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except UserError as e:
         if debug:
             raise

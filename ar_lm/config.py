@@ -8,7 +8,6 @@ closest valid ones. The resolved config is written as JSON into every run direct
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import json
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ar_lm.coerce import coerce
-from ar_lm.errors import UserError, require
+from ar_lm.coerce import unknown_key_message as _unknown_key_message
+from ar_lm.errors import UserError, require, run_experiment_code
 
 EVAL_TOKENS_CAP = 1_048_576  # what train.eval_tokens=0 reads at most (a random subset spread over larger splits)
 
@@ -120,6 +120,7 @@ class TrainConfig:
     checkpoint_at_tokens: tuple[int, ...] = ()  # also checkpoint at these token counts, and keep them (branch points)
     branch_of: str = ""  # lineage of a cooldown branch (`ar-lm cooldown`): the parent run directory
     branch_step: int = 0  # and the parent's step it started from
+    init_from: str = ""  # a run directory: start from the params of its latest checkpoint (fresh optimizer, step 0)
     async_checkpoint: bool = True
     nonfinite_policy: str = "stop"  # stop | skip
     max_skips: int = 3  # consecutive non-finite steps tolerated under `skip`
@@ -229,6 +230,7 @@ FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "train.debug_nan_steps": ("a list of steps >= 1", lambda steps: all(s >= 1 for s in steps)),
     "train.checkpoint_at_tokens": ("a list of token counts >= 1", lambda tokens: all(t >= 1 for t in tokens)),
     "train.ss_start": _range(0, 1, False), "train.ss_end": _range(0, 1, False), "train.ss_k": _POSITIVE,
+    "train.init_from": ("a run directory or empty", lambda x: not x.startswith("-")),  # not an option's name
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("gpt2", "llama"),
@@ -316,12 +318,6 @@ def all_keys(cfg: ExperimentConfig) -> list[str]:
     return keys
 
 
-def _unknown_key_message(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else "see README's config reference"
-    return f"unknown config key {key!r}: {hint}"
-
-
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Apply ``section.field=value`` strings to `cfg` (type-checked) and validate the result."""
     for item in overrides:
@@ -372,12 +368,7 @@ def load_experiment_module(path: str | Path) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except UserError:
-        raise
-    except Exception as e:  # the user's file is broken: say where
-        raise UserError(f"experiment file {path} failed to load: {type(e).__name__}: {e}") from e
+    run_experiment_code(path, spec.loader.exec_module, module)
     require(hasattr(module, "config"), f"experiment file {path} defines no config() function")
     return module
 
@@ -387,7 +378,7 @@ def load_experiment(path: str | Path, overrides: Optional[list[str]] = None) -> 
     if Path(path).suffix == ".json":
         require(Path(path).is_file(), f"config file {path} does not exist")
         return validate(apply_overrides(load_json(Path(path)), overrides or []))
-    cfg = load_experiment_module(path).config()
+    cfg = run_experiment_code(path, load_experiment_module(path).config)
     require(isinstance(cfg, ExperimentConfig), f"config() in {path} must return an ExperimentConfig")
     return validate(apply_overrides(cfg, overrides or []))
 

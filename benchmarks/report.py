@@ -1,4 +1,4 @@
-"""Markdown tables for docs/performance.md, read from the committed results files (no measuring here).
+"""Markdown tables for docs/explanation/performance.md, read from the committed results files (no measuring here).
 
     python benchmarks/report.py --date 2026-12-01 [--results benchmarks/results]
 

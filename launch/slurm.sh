@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# slurm launcher: see `ar-lm launch slurm --help` and README "Scale-out".
+# slurm launcher: see `ar-lm launch slurm --help` and docs/howto/slurm.md.
 exec python3 -m ar_lm launch slurm "$@"

@@ -289,7 +289,10 @@ def test_bad_chat_input_is_one_line_and_writes_nothing(tmp_path, capsys, byte_da
     err = _bad(capsys, base + ["--chat-template", "chatml", "--tokenizer-from", str(byte_data)])
     assert "lacks the chat template's special tokens <|im_start|>, <|im_end|>" in err
     assert not out.exists()
-    assert "--system go with --chat" in _bad(capsys, ["generate", str(out), "--prompt", "x", "--system", "terse"])
+    run = tmp_path / "run"  # a run directory's marker: the flags are checked before its config is read
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert "--system go with --chat" in _bad(capsys, ["generate", str(run), "--prompt", "x", "--system", "terse"])
 
 
 def test_a_sentencepiece_tokenizer_trained_here_keeps_the_specials_whole(tmp_path):

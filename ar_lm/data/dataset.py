@@ -3,7 +3,10 @@
 A dataset directory holds::
 
     metadata.json          vocab size, tokenizer kind and checksum, per split: documents, tokens, UTF-8
-                           bytes, characters, words, shards (and the split's input files with sha256)
+                           bytes, characters, words, shards (and the split's input files with sha256); "vocab":
+                           the --vocab-size requested and obtained (and why they differ)
+    documents_val.txt ...  each split's document names, one a line, in order ("document_names"): paths relative
+                           to source.roots (.jsonl/.parquet: "path:line"/"path:row"; cut text: "path#i lines a-b")
     tokenizer.model|json   the tokenizer (sentencepiece proto or JSON)
     train_00000.bin ...    token shards: flat little-endian uint16 (vocab <= 65536) or uint32
     val_00000.bin ...      (and test_00000.bin ... when the dataset has a test split)

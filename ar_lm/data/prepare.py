@@ -9,13 +9,14 @@ trained on the train split only.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from ar_lm.data.chat import ChatCorpus, load_template
 from ar_lm.data.dataset import TokenDataset, require_fresh_output
 from ar_lm.data.media import MediaOptions, media_corpora, parse_size
-from ar_lm.data.sources import FileCorpus, stdlib_documents
+from ar_lm.data.sources import FileCorpus, stdlib_documents, stdlib_root
 from ar_lm.data.synthetic import synthetic_splits
 from ar_lm.data.tokenizers import Tokenizer, check_tokenizer_args, with_specials
 from ar_lm.data.writer import write_dataset
@@ -61,29 +62,61 @@ def make_dataset(out: Path, source: str, tokenizer: str, vocab_size: int = 0, va
         source_meta["tokenizer_from"] = str(Path(tokenizer_from).absolute())
     if source == "stdlib":
         docs = stdlib_documents(max_bytes)
+        source_meta["roots"] = {"train": str(stdlib_root())}  # the documents' names are relative to it
     elif source in ("files", "chat"):
-        require(files or (existing and (val_files or test_files)),
-                f"--source {source} needs --files PATH [PATH ...] (only --tokenizer-from allows val or test files "
-                "alone)")
-        corpus = FileCorpus if template is None else lambda paths, _, flag="--files": ChatCorpus(paths, template, flag)
-        corpora = {"train": files and corpus(files, max_bytes),
-                   "val": val_files and corpus(val_files, 0, "--val-files"),
-                   "test": test_files and corpus(test_files, 0, "--test-files")}
-        source_meta["files"] = {split: c.files() for split, c in corpora.items() if c}
-        if val_files or not files:
-            splits.update({split: c for split, c in corpora.items() if c})
-        else:
-            docs = corpora["train"]  # split by name hash into train and val
-            splits.update({split: c for split, c in corpora.items() if c and split != "train"})
+        docs, splits = _file_streams(files, val_files, test_files, template, bool(existing), max_bytes, val_fraction,
+                                     source_meta)
     elif source == "synthetic":
         splits, info = synthetic_splits(synthetic_tokens, val_fraction, synthetic_vocab, synthetic_order,
                                         synthetic_branching, seed)
         source_meta.update(info)
     else:
         raise UserError(f"source {source!r} is unknown: use one of {', '.join(SOURCES)}")
-    return write_dataset(Path(out), docs, tokenizer, vocab_size, val_fraction, sp_model_type=sp_model_type,
+    meta = write_dataset(Path(out), docs, tokenizer, vocab_size, val_fraction, sp_model_type=sp_model_type,
                          source=source_meta, splits=splits, buffer_mb=buffer_mb, workers=workers, tokenizer=existing,
                          specials=template.specials if template else ())
+    _say_chunked(meta)
+    return meta
+
+
+def _file_streams(files: Sequence[str], val_files: Sequence[str], test_files: Sequence[str], template, existing: bool,
+                  max_bytes: int, val_fraction: float, source_meta: dict) -> tuple:
+    """--source files|chat: (documents to hash-split, explicit splits); records the files in `source_meta`."""
+    source, docs, splits = "files" if template is None else "chat", (), {}
+    require(files or (existing and (val_files or test_files)),
+            f"--source {source} needs --files PATH [PATH ...] (only --tokenizer-from allows val or test files "
+            "alone)")
+    corpus = FileCorpus if template is None else lambda paths, _, flag="--files": ChatCorpus(paths, template, flag)
+    corpora = {"train": files and corpus(files, max_bytes),
+               "val": val_files and corpus(val_files, 0, "--val-files"),
+               "test": test_files and corpus(test_files, 0, "--test-files")}
+    source_meta["files"] = {split: c.files() for split, c in corpora.items() if c}
+    source_meta["roots"] = {split: str(c.root) for split, c in corpora.items() if hasattr(c, "root")}
+    if val_files or not files:
+        splits.update({split: c for split, c in corpora.items() if c})
+    else:
+        docs = corpora["train"]  # split by name hash into train and val
+        splits.update({split: c for split, c in corpora.items() if c and split != "train"})
+        source_meta.update(_chunk_for_split(docs, val_fraction))
+    return docs, splits
+
+
+def _chunk_for_split(corpus, val_fraction: float) -> dict:
+    """Too few text files for a hash split (one corpus.txt): cut them into documents (`FileCorpus.chunk_for_split`);
+    returns what metadata.json's source records: {"chunk_chars": N} or nothing."""
+    chunk = corpus.chunk_for_split(val_fraction) if isinstance(corpus, FileCorpus) else 0
+    return {"chunk_chars": chunk} if chunk else {}
+
+
+def _say_chunked(meta: dict) -> None:
+    """One line on stderr when the text files were cut into documents for the val split."""
+    chunk, splits = meta["source"].get("chunk_chars"), meta["splits"]
+    if chunk:
+        n = len(meta["source"]["files"]["train"])
+        print(f"[prepare] {n} text file{'s are' if n > 1 else ' is'} too few documents for a val split: cut "
+              f"{'them' if n > 1 else 'it'} into {splits['train']['documents'] + splits['val']['documents']:,} "
+              f"documents of about {chunk:,} characters at blank lines, {splits['val']['documents']:,} for val (listed "
+              "in documents_val.txt; --val-files FILE keeps files whole)", file=sys.stderr, flush=True)
 
 
 def _check_specials(template, existing: Tokenizer | None, kind: str) -> None:
@@ -99,7 +132,8 @@ def _make_media_dataset(out: Path, source: str, opts: MediaOptions, files: Seque
     """Images or audio: documents by a hash of their names into train and val (or the files' own splits)."""
     require_fresh_output(out.absolute())
     corpora, tokenizer, meta = media_corpora(source, opts, {"train": files, "val": val_files, "test": test_files})
-    source_meta = {"kind": source, "files": {split: c.files() for split, c in corpora.items()}}
+    source_meta = {"kind": source, "files": {split: c.files() for split, c in corpora.items()},
+                   "roots": {split: str(c.root) for split, c in corpora.items() if hasattr(c, "root")}}
     docs, splits = (), dict(corpora)
     if "val" not in corpora and "train" in corpora:
         docs = splits.pop("train")  # split by name hash into train and val

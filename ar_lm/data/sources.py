@@ -4,7 +4,7 @@ A corpus is re-iterable (`prepare` reads it twice: once to train the tokenizer a
 tokenize) and streamed: a long text file comes in pieces of about `PIECE_CHARS` characters cut after a
 newline, only the last piece ending the document (`Document.ends`). Without explicit split files, each
 document goes to val or train by a hash of its name, so the split is deterministic and independent of
-file order.
+file order; text files too few for that (one corpus.txt) are cut into documents at blank lines first.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 PIECE_CHARS = 1 << 18  # a text file is read (and tokenized) in pieces of about this many characters
+CHUNK_DOCUMENTS = 1000  # a hash split of too few text files cuts them into about this many documents,
+CHUNK_MIN_CHARS, CHUNK_MAX_CHARS = 1 << 10, 1 << 20  # each of this many characters at least and at most
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,14 @@ class Document:
         return len(self.text) if self.ids is None else len(self.ids)
 
 
+def stdlib_root() -> Path:
+    """The running Python's standard-library directory (what stdlib documents are named relative to)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_documents(max_bytes: int) -> list[Document]:
     """The running Python's standard-library sources (*.py), in sorted order, up to `max_bytes`."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     docs, total = [], 0
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
@@ -76,20 +83,32 @@ def _say_truncated(max_bytes: int, total: int, what: str) -> None:
 
 
 def expand_paths(patterns: Sequence[str], flag: str) -> list[Path]:
-    """The files that `patterns` (paths, globs, directories) name, in order; a UserError for one that is missing."""
+    """The files that `patterns` (paths, globs, directories) name, in order, each once (by resolved path: globs
+    and directories may overlap; says how many repeats it dropped); a UserError for one that is missing."""
     paths: list[Path] = []
+    seen: set[Path] = set()
+    repeats = 0
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
         require(matches, f"{flag} pattern {pattern!r} matches no file")
         for m in matches:
             p = Path(m)
             if p.is_dir():
-                paths += sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+                found = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
             elif p.is_file():
-                paths.append(p)
+                found = [p]
             else:
                 raise UserError(f"input file {p} does not exist")
+            for q in found:
+                key = q.resolve()
+                repeats += key in seen
+                if key not in seen:
+                    seen.add(key)
+                    paths.append(q)
     require(paths, f"{flag} {' '.join(patterns)} names no file")
+    if repeats:
+        print(f"[prepare] {flag}: {repeats} file(s) named more than once (overlapping globs or directories) are read "
+              f"once: {len(paths)} files", file=sys.stderr, flush=True)
     return paths
 
 
@@ -111,6 +130,21 @@ class FileCorpus:
                             f"input file {path} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
         require(any(p.stat().st_size for p in self.paths), f"the input files {', '.join(patterns)} hold no text")
         self._said_truncated = False
+        self.chunk_chars = 0  # > 0: text files come as documents of about this many characters (`chunk_for_split`)
+
+    def chunk_for_split(self, val_fraction: float) -> int:
+        """Cut text files into documents (`chunk_chars`, returned; 0: not) when they are too few for a hash split
+        to give val two documents on average (e.g. one big corpus.txt) and hold two chunks at least. Deterministic:
+        the chunk size follows the text's size (about CHUNK_DOCUMENTS chunks); .jsonl and .parquet hold their own
+        documents."""
+        if len(self.paths) * val_fraction >= 2 or any(p.suffix.lower() in (".jsonl", ".parquet") for p in self.paths):
+            return 0
+        size = sum(p.stat().st_size for p in self.paths)
+        size = min(size, self.max_bytes) if self.max_bytes else size
+        if size < 2 * CHUNK_MIN_CHARS:
+            return 0  # too little text to cut in two: the split says what to pass
+        self.chunk_chars = min(max(size // CHUNK_DOCUMENTS, CHUNK_MIN_CHARS), CHUNK_MAX_CHARS)
+        return self.chunk_chars
 
     def files(self) -> list[dict]:
         """Each input file's absolute path and sha256 (what `metadata.json` records)."""
@@ -122,7 +156,8 @@ class FileCorpus:
             name = path.absolute().relative_to(self.root).as_posix()
             suffix = path.suffix.lower()
             docs = (_jsonl_documents(path, name) if suffix == ".jsonl" else
-                    _parquet_documents(path, name) if suffix == ".parquet" else _text_pieces(path, name))
+                    _parquet_documents(path, name) if suffix == ".parquet" else
+                    _text_chunks(path, name, self.chunk_chars) if self.chunk_chars else _text_pieces(path, name))
             for doc in docs:
                 total += len(doc.text.encode("utf-8"))
                 yield doc
@@ -152,6 +187,35 @@ def _text_pieces(path: Path, name: str) -> Iterator[Document]:
             if text[:cut]:
                 started = True
                 yield Document(name, text[:cut], ends=False)
+
+
+def _text_chunks(path: Path, name: str, chunk_chars: int) -> Iterator[Document]:
+    """A text file as documents of about `chunk_chars` characters, each named by its index and lines ("a.txt#3
+    lines 120-168"): cut after the first blank line at or past `chunk_chars`, else after a line, else anywhere."""
+    buf, index, line = "", 0, 1
+    for piece in _text_pieces(path, name):
+        buf += piece.text
+        pos = 0
+        while len(buf) - pos >= 2 * chunk_chars or (piece.ends and pos < len(buf)):
+            stop = _chunk_end(buf, pos, chunk_chars, piece.ends)
+            text = buf[pos:stop]
+            newlines = text.count("\n")
+            last = line + newlines - (text.endswith("\n") and newlines > 0)
+            yield Document(f"{name}#{index} lines {line}-{last}", text)
+            index, line, pos = index + 1, line + newlines, stop
+        buf = buf[pos:]
+
+
+def _chunk_end(text: str, start: int, chunk_chars: int, final: bool) -> int:
+    """Where the chunk from `start` ends: after a blank line in [start + chunk, start + 2 chunk), else after a
+    newline there, else at start + 2 chunk; the file's last stretch (`final`, under 2 chunks) ends at its end
+    unless a blank line cuts it."""
+    lo, hi = start + chunk_chars, min(start + 2 * chunk_chars, len(text))
+    for sep in ("\n\n",) if final and hi == len(text) else ("\n\n", "\n"):
+        i = text.find(sep, lo, hi)
+        if i >= 0:
+            return i + len(sep)
+    return hi
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:

@@ -209,11 +209,17 @@ class SentencePieceTokenizer:
                     minloglevel=2,
                 )
             except RuntimeError as e:
-                raise UserError(f"sentencepiece training failed: {str(e).splitlines()[0]} (try a smaller --vocab-size)") from None
+                raise _training_error(str(e), vocab_size) from None
             return cls((prefix.with_suffix(".model")).read_bytes())
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    @property
+    def pieces_learned(self) -> int:
+        """Its pieces beyond byte fallbacks and control pieces (user-defined ones, newline and tab, included)."""
+        return sum(not (self.sp.is_byte(i) or self.sp.is_control(i) or self.sp.is_unknown(i)
+                        or self.sp.is_unused(i)) for i in range(self.vocab_size))
 
     def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=threads or cpu_cores())
@@ -279,9 +285,39 @@ class LevelTokenizer:
 Tokenizer = ByteTokenizer | CharTokenizer | SentencePieceTokenizer | LevelTokenizer
 
 
+def _training_error(message: str, vocab_size: int) -> UserError:
+    """sentencepiece's failure as one line with what to do."""
+    need = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+    if need:
+        return UserError(f"--vocab-size {vocab_size} is below the {need.group(1)} pieces sentencepiece needs for this "
+                         "text (256 byte fallbacks, control pieces, newline, tab and the train text's characters): use "
+                         f"--vocab-size {need.group(1)} or more (e.g. 4096)")
+    return UserError(f"sentencepiece training failed: {message.splitlines()[0]} (try another --vocab-size)")
+
+
 def check_tokenizer_args(kind: str, vocab_size: int) -> None:
     require(kind in KINDS, f"tokenizer {kind!r} is unknown: use one of {', '.join(KINDS)}")
+    require(vocab_size >= 0, f"--vocab-size must be >= 0, got {vocab_size}")
     require(kind != "sentencepiece" or vocab_size > 0, "--tokenizer sentencepiece needs --vocab-size N (e.g. 4096)")
+    require(kind != "byte" or not vocab_size, f"--vocab-size {vocab_size} does not apply to --tokenizer byte (always "
+            "257 ids: 256 bytes and end-of-document): drop --vocab-size, or use --tokenizer sentencepiece or char")
+    require(kind != "char" or not vocab_size or vocab_size > 257, f"--vocab-size {vocab_size} leaves --tokenizer "
+            "char no character ids (257 ids are end-of-document and 256 byte fallbacks): use 0 (every character) "
+            "or more than 257")
+
+
+def vocab_shortfall(kind: str, requested: int, tokenizer: "Tokenizer", specials: Sequence[str] = ()) -> str:
+    """Why a tokenizer trained for `requested` ids has another number ('' when it has that many)."""
+    got = tokenizer.vocab_size
+    if not requested or got == requested:
+        return ""
+    if got > requested:
+        return f"the chat template's {len(specials)} special tokens come on top"
+    if kind == "char":
+        return (f"the train text holds only {len(tokenizer.chars)} distinct characters (+ 257 ids for "
+                "end-of-document and byte fallbacks)")
+    return (f"sentencepiece learned only {tokenizer.pieces_learned:,} pieces from the train text (a small corpus has "
+            "no more to merge; more text gives more)")
 
 
 def train_tokenizer(kind: str, texts: list[str], vocab_size: int = 0, model_type: str = "bpe") -> Tokenizer:

@@ -38,6 +38,7 @@ from ar_lm.data.tokenizers import (
     Tokenizer,
     check_tokenizer_args,
     load_tokenizer,
+    vocab_shortfall,
     with_specials,
 )
 from ar_lm.errors import require
@@ -71,6 +72,7 @@ def write_dataset(out: Path, docs: Iterable[Document] = (), tokenizer_kind: str 
     given = tokenizer is not None
     tokenizer = tokenizer or _make_tokenizer(tokenizer_kind, survey, vocab_size, sp_model_type, specials)
     tokenizer = with_specials(tokenizer, specials, fixed=given)
+    vocab = {} if given or not vocab_size else _vocab_record(tokenizer_kind, vocab_size, tokenizer, specials)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,7 @@ def write_dataset(out: Path, docs: Iterable[Document] = (), tokenizer_kind: str 
             "dtype": np.dtype(dtype).name,
             "source": source or {},
             "splits": {s: w.close() for s, w in writers.items()},
+            **vocab,
             **(media or {}),
         }
         atomic_write_json(tmp / "metadata.json", meta)
@@ -146,7 +149,8 @@ def _survey(streams: Sequence[Stream], val_fraction: float, kind: str, sample_ch
     require(survey.documents.get("train") or not (kind or hashed),
             "the source has too few documents for a train split: add data or lower --val-fraction")
     require(not hashed or survey.documents.get("val") or val_fraction == 0,
-            "the source has too few documents for a val split")
+            f"the source has too few documents for a val split ({sum(survey.documents.values())} in all): pass "
+            "--val-files FILE (held-out text for val) or more text")
     for tag, _ in streams:
         require(not tag or survey.documents.get(tag), f"the {tag} files hold no text")
     survey.documents = {s: n for s, n in sorted(survey.documents.items(), key=lambda kv: _SPLIT_ORDER.get(kv[0], 3))}
@@ -182,6 +186,15 @@ class LineSample:
         return [line for _, line in self.lines]
 
 
+def _vocab_record(kind: str, requested: int, tokenizer: Tokenizer, specials: Sequence[str]) -> dict:
+    """metadata.json's "vocab" {"requested", "obtained"(, "why")}; a notice on stderr when they differ."""
+    why = vocab_shortfall(kind, requested, tokenizer, specials)
+    if why:
+        print(f"[prepare] --vocab-size {requested:,} asked; the {kind} tokenizer has {tokenizer.vocab_size:,} ids: "
+              f"{why}", file=sys.stderr, flush=True)
+    return {"vocab": {"requested": requested, "obtained": tokenizer.vocab_size, **({"why": why} if why else {})}}
+
+
 def _make_tokenizer(kind: str, survey: _Survey, vocab_size: int, model_type: str, specials: Sequence[str] = ()):
     if kind == "byte":
         return ByteTokenizer()
@@ -196,7 +209,9 @@ class _SplitWriter:
 
     def __init__(self, directory: Path, split: str, dtype, shard_tokens: int, masked: bool = False):
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, np.dtype(dtype), shard_tokens
-        self.info = {"documents": 0, "tokens": 0, "bytes": 0, "chars": 0, "words": 0, "shards": []}
+        self.info = {"documents": 0, "tokens": 0, "bytes": 0, "chars": 0, "words": 0, "shards": [],
+                     "document_names": f"documents_{split}.txt"}
+        self._names = open(directory / self.info["document_names"], "w", encoding="utf-8")
         self.masked = masked
         self._file, self._hash, self._shard_tokens = None, None, 0
         self._mask_file, self._mask_hash = None, None
@@ -223,6 +238,8 @@ class _SplitWriter:
                 self._mask_hash.update(raw)
             self._shard_tokens += n_tokens
         info = self.info
+        if doc.ends:
+            self._names.write(doc.name.replace("\n", "\\n") + "\n")
         info["documents"] += doc.ends
         info["tokens"] += n_tokens
         n_bytes = len(doc.text.encode("utf-8")) if doc.ids is None else len(doc.ids)
@@ -246,6 +263,7 @@ class _SplitWriter:
 
     def close(self) -> dict:
         self._close_shard()
+        self._names.close()
         return self.info
 
 

@@ -14,7 +14,7 @@ from ar_lm.data.tokenizers import load_tokenizer, with_specials
 from ar_lm.decoding import media
 from ar_lm.decoding.beam import beam_search
 from ar_lm.decoding.chat import chat_loop
-from ar_lm.decoding.decoder import generate
+from ar_lm.decoding.decoder import generate, generate_sliding, prepare_prompts, sliding_chunks
 from ar_lm.decoding.sampling import Sampling
 from ar_lm.decoding.speculative import speculative_generate
 from ar_lm.decoding.streaming import stream
@@ -144,17 +144,11 @@ def generate_command(args) -> int:
     require(tok is not None or args.prompt is None,
             f"run {args.run_dir} has no text tokenizer (an imported model's tokenizer ar_lm does not read): "
             "give --prompt-ids")
+    eos_id = args.eos_id if args.eos_id is not None else (tok.eos_id if tok is not None else None)
+    prompt_ids, n = _text_prompt(args, target, eos_id)  # checked before anything is restored or printed
     mesh, rules = decode_mesh(args.run_dir)
     target = load_run(args.run_dir, mesh, rules, args.quantize)  # now with its parameters
     draft = None if args.draft is None else load_run(args.draft, mesh, rules, args.quantize)
-    eos_id = args.eos_id if args.eos_id is not None else (tok.eos_id if tok is not None else None)
-    if args.prompt_ids is not None:  # ids as given, e.g. from the model's own (Hugging Face) tokenizer
-        prompt_ids = parse_token_ids(args.prompt_ids)
-    else:  # the prompt starts a document: after the begin-of-sequence id (imported Llama), else after EOS
-        prompt_ids = [target.tokenizer_meta.get("bos_id", eos_id)] + list(tok.encode(args.prompt))
-    n = args.max_new_tokens
-    if n is None:
-        n = max(1, min(64, target.cfg.max_seq_len - len(prompt_ids)))
     t0 = time.perf_counter()
     with mesh_context(mesh, rules):
         if not (args.beams > 1 or args.json or args.num_samples > 1 or args.prompt is None):
@@ -165,6 +159,24 @@ def generate_command(args) -> int:
         _report(sum(len(s["tokens"]) for s in samples), len(samples), time.perf_counter() - t0, extra,
                 args.draft_tokens)
     return 0
+
+
+def _text_prompt(args, target: LoadedRun, eos_id) -> tuple[list[int], int]:
+    """The prompt's token ids and the number of new tokens, checked against the run (`prepare_prompts`)."""
+    if args.prompt_ids is not None:  # ids as given, e.g. from the model's own (Hugging Face) tokenizer
+        prompt_ids = parse_token_ids(args.prompt_ids)
+    else:  # the prompt starts a document: after the begin-of-sequence id (imported Llama), else after EOS
+        prompt_ids = [target.tokenizer_meta.get("bos_id", eos_id)] + list(target.tokenizer.encode(args.prompt))
+    ctx = target.cfg.max_seq_len
+    n = args.max_new_tokens if args.max_new_tokens is not None else max(1, min(64, ctx - len(prompt_ids)))
+    prepare_prompts(target.cfg, [prompt_ids], max(1, ctx - len(prompt_ids)) if _slides(args, ctx, prompt_ids, n) else n)
+    return prompt_ids, n
+
+
+def _slides(args, ctx: int, prompt_ids, n: int) -> bool:
+    """Whether the request goes past the context by a sliding window (`generate_sliding`); beams and
+    speculative decoding stay within it."""
+    return len(prompt_ids) + n > ctx and args.beams == 1 and args.draft is None
 
 
 def _chat_command(args) -> int:
@@ -228,7 +240,10 @@ def _decode(args, target: LoadedRun, draft, prompt_ids, n, sampling, eos_id) -> 
         return [dict(tokens=res.sequences[0, i, : res.lengths[0, i]], logprobs=res.logprobs[0, i, : res.lengths[0, i]],
                      score=float(res.scores[0, i])) for i in range(args.beams)], {}
     prompts = [prompt_ids] * args.num_samples
-    if draft is None:
+    if draft is None and _slides(args, cfg.max_seq_len, prompt_ids, n):  # each token sees the last ctx - 1
+        res, extra = generate_sliding(cfg, target.params, prompts, n, sampling, seed=args.seed,
+                                      keep=cfg.max_seq_len - 1, eos_id=eos_id), {}
+    elif draft is None:
         res, extra = generate(cfg, target.params, prompts, n, sampling, seed=args.seed, eos_id=eos_id), {}
     else:
         res = speculative_generate(cfg, target.params, draft.cfg, draft.params, prompts, n, sampling,
@@ -242,13 +257,23 @@ def _stream_text(args, target: LoadedRun, draft, prompt_ids, n, sampling, eos_id
     """One sample, streamed to the terminal as it is produced."""
     out, extra = TextStream(target.tokenizer, eos_id), {}
     sys.stdout.write(args.prompt)
-    parts = stream(target.cfg, target.params, prompt_ids, n, sampling, seed=args.seed, eos_id=eos_id,
-                   draft=None if draft is None else (draft.cfg, draft.params), draft_tokens=args.draft_tokens,
-                   stats=extra)
+    ctx = target.cfg.max_seq_len
+    if _slides(args, ctx, prompt_ids, n):  # past the context: each token sees the last ctx - 1 tokens
+        parts = ((g.tokens[0], g.logprobs[0]) for g in sliding_chunks(target.cfg, target.params, [prompt_ids], n,
+                                                                      sampling, seed=args.seed, keep=ctx - 1))
+    else:
+        parts = stream(target.cfg, target.params, prompt_ids, n, sampling, seed=args.seed, eos_id=eos_id,
+                       draft=None if draft is None else (draft.cfg, draft.params), draft_tokens=args.draft_tokens,
+                       stats=extra)
     n_tokens = 0
     for tokens, _ in parts:
+        tokens = [int(t) for t in tokens]
+        ended = eos_id in tokens
+        tokens = tokens[: tokens.index(eos_id) + 1] if ended else tokens
         out.add(tokens)
         n_tokens += len(tokens)
+        if ended:
+            break
     out.add([], final=True)
     sys.stdout.write("\n")
     _report(n_tokens, 1, time.perf_counter() - t0, extra, args.draft_tokens)

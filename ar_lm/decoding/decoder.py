@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -122,7 +122,7 @@ def prefill(cfg: ModelConfig, params, prompt_BxP: Array, lens_B: Array, cache_le
 
 def for_decoding(cfg: ModelConfig, params):
     """(cfg, params) as the decoder runs them. On CPU the layers run unrolled: in a layer scan XLA:CPU copies
-    each stacked weight slice before multiplying by it (docs/performance.md). Same weights, unstacked outside
+    each stacked weight slice before multiplying by it (docs/explanation/performance.md). Same weights, unstacked outside
     the jit; every entry point does this per call (a copy of the weights), so a serving
     loop converts once and passes the result."""
     if not cfg.scan_layers or platform() != "cpu":
@@ -222,12 +222,34 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
 
 
 def generate_sliding(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     sampling: Sampling = GREEDY, *, seed: int = 0, keep: int = 0) -> Generation:
-    """`generate` past the model's context (no EOS stop): decode what fits after the prompts; while more is
-    asked, re-prefill each row's last `keep` tokens (default max_seq_len // 2) and decode max_seq_len - keep
+                     sampling: Sampling = GREEDY, *, seed: int = 0, keep: int = 0,
+                     eos_id: Optional[int] = None) -> Generation:
+    """`generate` past the model's context: decode what fits after the prompts; while more is asked,
+    re-prefill each row's last `keep` tokens (default max_seq_len // 2) and decode max_seq_len - keep
     more (one compiled shape for all continuations, the last one cut); a prompt that fills the context starts
     from its last `keep` tokens. Chunk 0 uses `seed` (so a request that fits equals `generate`), chunk i a seed
-    drawn from (seed, i)."""
+    drawn from (seed, i). `eos_id`: stop once every row has emitted it; after its EOS a row holds eos_id
+    (log-prob 0) and its length counts up to the EOS; without it no row stops."""
+    parts, done_B = [], np.zeros(len(prompts), bool)
+    for part in sliding_chunks(cfg, params, prompts, max_new_tokens, sampling, seed=seed, keep=keep):
+        parts.append(part)
+        done_B |= eos_id is not None and np.any(part.tokens == eos_id, axis=1)
+        if done_B.all():
+            break
+    tokens = np.concatenate([g.tokens for g in parts], axis=1)
+    logprobs = np.concatenate([g.logprobs for g in parts], axis=1)
+    if eos_id is None:
+        return Generation(tokens, logprobs, np.full(len(tokens), max_new_tokens, np.int32))
+    pad = ((0, 0), (0, max_new_tokens - tokens.shape[1]))
+    tokens, logprobs = np.pad(tokens, pad, constant_values=eos_id), np.pad(logprobs, pad)
+    lengths_B = np.asarray(_lengths(tokens, eos_id))
+    after_BxN = np.arange(max_new_tokens)[None, :] >= lengths_B[:, None]
+    return Generation(np.where(after_BxN, eos_id, tokens), np.where(after_BxN, 0.0, logprobs), lengths_B)
+
+
+def sliding_chunks(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   sampling: Sampling = GREEDY, *, seed: int = 0, keep: int = 0) -> Iterator[Generation]:
+    """`generate_sliding`'s chunks (no EOS stop) as each is decoded: their tokens together are its tokens."""
     ctx = cfg.max_seq_len
     keep = keep or ctx // 2
     require(0 < keep < ctx, f"keep must lie in [1, {ctx - 1}] (the context is {ctx}), got {keep}")
@@ -236,15 +258,16 @@ def generate_sliding(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
     cfg, params = for_decoding(cfg, params)  # once, not per chunk
     rows = [[int(t) for t in (p if len(p) < ctx else p[-keep:])] for p in prompts]
     longest = max((len(r) for r in rows), default=0)
-    n_first = min(max_new_tokens, ctx - longest)
-    parts = [generate(cfg, params, rows, n_first, sampling, seed=seed, loop="scan")]
-    for i in range(1, 1 + -(-(max_new_tokens - n_first) // (ctx - keep))):
-        rows = [(r + t.tolist())[-keep:] for r, t in zip(rows, parts[-1].tokens)]
+    part = generate(cfg, params, rows, min(max_new_tokens, ctx - longest), sampling, seed=seed, loop="scan")
+    yield part
+    left, i = max_new_tokens - part.tokens.shape[1], 1
+    while left > 0:
+        rows = [(r + t.tolist())[-keep:] for r, t in zip(rows, part.tokens)]
         chunk_seed = int(np.random.SeedSequence([seed % (1 << 32), i]).generate_state(1)[0])
-        parts.append(generate(cfg, params, rows, ctx - keep, sampling, seed=chunk_seed, loop="scan", pad_to=keep))
-    tokens = np.concatenate([g.tokens for g in parts], axis=1)[:, :max_new_tokens]
-    logprobs = np.concatenate([g.logprobs for g in parts], axis=1)[:, :max_new_tokens]
-    return Generation(tokens, logprobs, np.full(len(tokens), max_new_tokens, np.int32))
+        part = generate(cfg, params, rows, ctx - keep, sampling, seed=chunk_seed, loop="scan", pad_to=keep)
+        part = Generation(part.tokens[:, :left], part.logprobs[:, :left], np.minimum(part.lengths, left))
+        yield part
+        left, i = left - part.tokens.shape[1], i + 1
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "eos_id"))

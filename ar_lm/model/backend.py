@@ -2,7 +2,7 @@
 
 Each `resolve_*` turns an `auto` config value into what runs on the target backend: the one JAX runs on,
 or the one a program is compiled for ahead of time (`target_platform("tpu")`, as `ar-lm plan` does on a
-CPU machine). The measurements behind the choices are in docs/performance.md.
+CPU machine). The measurements behind the choices are in docs/explanation/performance.md.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def configure_cpu_devices(mesh, micro_batch: int, max_auto: int = 8) -> Optional
     `mesh.cpu_devices` > 0 is taken as given. 0 (auto): `mesh.devices` if set; the product of the
     mesh sizes if none is -1; else one device per core (at most `max_auto`) that the fixed mesh
     sizes and the micro-batch divide (devices splitting the batch beat one device splitting every op
-    over all cores; see docs/performance.md). Left alone when JAX_NUM_CPU_DEVICES or
+    over all cores; see docs/explanation/performance.md). Left alone when JAX_NUM_CPU_DEVICES or
     --xla_force_host_platform_device_count is set (the local launcher sets it) and once JAX has
     started its backends. A machine with accelerators ignores the host-platform count.
     """

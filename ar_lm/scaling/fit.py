@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ar_lm.errors import require
+from ar_lm.scaling import diagnose
 from ar_lm.scaling.compute import ComputeModel, analytic
 from ar_lm.scaling.isoflop import WINDOW, approach2, budget_minimum, power_law
 from ar_lm.scaling.parametric import PARAMS, fit_parametric, local_exponents, optimal_size
@@ -50,16 +51,18 @@ def _bootstrap_summary(p: dict, boots: list[dict], keys, n_boot: int) -> None:
 # Approach 1
 
 
-def envelope(curves: list, n_grid: int = 40) -> dict:
+def envelope(curves: list, n_grid: int = 40, reach: float = 0.02) -> dict:
     """For log-spaced C, the lowest loss over all runs' curves (each interpolated in log C) and
-    the N of the run that reached it."""
+    the N of the run that reached it. A curve counts up to `reach` (relative) past its last C, at its
+    final loss: runs of one budget end a step apart, and the one that ends last must not be the
+    frontier alone at the grid's end (a spike)."""
     lo = max(min(c[1][0] for c in curves), 1.0)
     hi = max(c[1][-1] for c in curves)
     grid = np.geomspace(lo, hi, n_grid)
     best_l = np.full(n_grid, np.inf)
     best_n = np.full(n_grid, np.nan)
     for n, c_t, l_t in curves:
-        inside = (grid >= c_t[0]) & (grid <= c_t[-1])
+        inside = (grid >= c_t[0]) & (grid <= c_t[-1] * (1 + reach))
         l = np.interp(np.log(grid[inside]), np.log(c_t), l_t)
         better = l < best_l[inside]
         idx = np.where(inside)[0][better]
@@ -80,7 +83,29 @@ def approach1(curves: list, compute: ComputeModel) -> Optional[dict]:
         return None
     k_n, a = power_law(env["C"][fit], env["N"][fit])
     k_d, b = power_law(env["C"][fit], compute.tokens(env["N"][fit], env["C"][fit]))
-    return {"a": a, "k_N": k_n, "b": b, "k_D": k_d, "envelope": {k: v.tolist() for k, v in env.items()}}
+    return {"a": a, "k_N": k_n, "b": b, "k_D": k_d, "envelope": {k: v.tolist() for k, v in env.items()},
+            "fit_range": [float(env["C"][fit].min()), float(env["C"][fit].max())]}
+
+
+def approach1_skipped(curves: list) -> Optional[str]:
+    """Why approach 1 has no fit and what to add (None when it has one)."""
+    if not curves:
+        return "no training curves (a CSV of final losses has none): fit a sweep directory"
+    if len(curves) < 2:
+        return f"needs the curves of >= 2 runs, has {len(curves)}: add sizes"
+    env = envelope(curves)
+    c_fit = min(c[1][-1] for c in curves) / 3
+    reached = sorted(set(env["N"][env["C"] >= c_fit].tolist()))
+    if len(reached) >= 2:
+        return None
+    ns = sorted({c[0] for c in curves})
+    if not reached:
+        return f"the frontier has no point past C = {c_fit:.3g} (a third of the shortest run): add budgets"
+    n = reached[0]
+    add = "smaller sizes" if n == ns[0] else "larger sizes" if n == ns[-1] else "sizes around it"
+    where = "the smallest" if n == ns[0] else "the largest" if n == ns[-1] else "one"
+    return (f"{where} size, N={n:,.0f}, reaches the lowest loss at every C >= {c_fit:.3g} (a third of the shortest "
+            f"run), so N_opt has no slope: add {add}")
 
 
 def _fit_approach1(pts: Points, n_boot: int, rng) -> Optional[dict]:
@@ -302,21 +327,30 @@ def fit_points(pts: Points, n_boot: int = 100, seed: Union[int, Sequence[int]] =
     if pts.epochs is not None:
         for p, ep in zip(result["points"], pts.epochs):
             p["epochs"] = float(ep)
+    skipped = {}
     if 3 in approaches:
         clusters = getattr(pts, "trunk", None) if clusters is None else clusters
         require(clusters is None or len(clusters) == len(pts.N), "clusters must name one cluster per point")
-        result["approach3"] = _fit_approach3(pts, n_boot, rng, full_grid, top, options, clusters)
-    if 2 in approaches and pts.group is not None:
-        p2 = _fit_approach2(pts, n_boot, rng, window)
+        if len(pts.N) >= 5:
+            result["approach3"] = _fit_approach3(pts, n_boot, rng, full_grid, top, options, clusters)
+        else:
+            skipped[3] = diagnose.skipped_approach3(len(pts.N))
+    if 2 in approaches:
+        p2 = _fit_approach2(pts, n_boot, rng, window) if pts.group is not None else None
         if p2 is not None:
             result["approach2"] = p2
-    if 1 in approaches and pts.curves:
-        p1 = _fit_approach1(pts, n_boot, rng)
+        else:
+            skipped[2] = diagnose.skipped_approach2(pts, window)
+    if 1 in approaches:
+        p1 = _fit_approach1(pts, n_boot, rng) if pts.curves else None
         if p1 is not None:
             result["approach1"] = p1
-    require(any(f"approach{i}" in result for i in (1, 2, 3)),
-            "too few points for any approach: approach 2 needs >= 2 IsoFLOP budgets with an interior minimum, "
-            "approach 3 needs >= 5 points")
+        else:
+            skipped[1] = approach1_skipped(pts.curves) or "no fit"
+    result["approaches"] = diagnose.approaches_summary(result, skipped)
+    require(any(f"approach{i}" in result for i in (1, 2, 3)), "too few points for any approach: " +
+            "; ".join(f"approach {i}: {why}" for i, why in sorted(skipped.items())))
+    result["warnings"] = diagnose.warnings(result)
     result["tokens_per_parameter"] = tokens_per_parameter(result, pts.compute)
     return result
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ar_lm.errors import UserError
 from ar_lm.io import atomic_write_json
-from ar_lm.scaling.plots import plot_parametric
+from ar_lm.scaling.plots import plot_fit
+from ar_lm.scaling.points import points_from_sweep, without_repeated_data
 from ar_lm.scaling.predict import predict_compute, predict_loss
 from ar_lm.scaling.report import fit_sweep_dir, format_report
 from ar_lm.scaling.sweeps import Sweep, compute_optimal_point
@@ -37,7 +38,8 @@ def fit_and_check(sweep: Sweep, runner, out: Path) -> None:
             print(f"[holdout] holdout{i} at C={budget:.3g} skipped: {e}", file=sys.stderr)
             checks.append({"name": f"holdout{i}", "budget": budget, "skipped": str(e)})
     atomic_write_json(out / "fit" / "holdout.json", checks)
-    plot_parametric(result, out / "fit", [c for c in checks if "skipped" not in c])
+    fitted, _ = without_repeated_data(points_from_sweep(out))  # the points the fit saw
+    plot_fit(result, out / "fit", fitted, holdout=[c for c in checks if "skipped" not in c])  # held-out marked
 
 
 def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float) -> dict:

@@ -27,6 +27,8 @@ from ar_lm.scaling.points import Points
 WINDOW = math.log(5.0)
 FRONTIER_PARAMS = 3  # E, A, alpha of the loss frontier
 RECENTRE = 4  # window placements: at the lowest point, then at the vertex until the window is unchanged
+ADD = {"the lowest loss is at the smallest size": "smaller sizes",  # what an excluded budget needs to count
+       "the lowest loss is at the largest size": "larger sizes", "fewer than 3 sizes": "sizes"}
 
 
 def power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -78,7 +80,9 @@ def isoflop_minima(pts: Points, compute: ComputeModel, window: float = WINDOW) -
         c = float(np.exp(np.mean(np.log(pts.C[m]))))
         found = budget_minimum(np.log(pts.N[m]), pts.L[m], window)
         if "reason" in found:
-            excluded.append({"C": c, "reason": found["reason"]})
+            excluded.append({"C": c, "reason": found["reason"],
+                             "N_range": [float(pts.N[m].min()), float(pts.N[m].max())],
+                             "add": ADD.get(found["reason"], "sizes around the lowest point")})
             continue
         n_opt = math.exp(found.pop("x_min"))
         d_opt = float(compute.tokens(n_opt, c))

@@ -11,19 +11,21 @@ from typing import Optional
 from ar_lm.errors import require
 from ar_lm.io import atomic_write_json
 from ar_lm.scaling.compute import ComputeModel
+from ar_lm.scaling.diagnose import excluded_line
 from ar_lm.scaling.fit import fit_points, with_attention
-from ar_lm.scaling.plots import plot_fit, plot_frontiers
+from ar_lm.scaling.plots import plot_fit
+from ar_lm.scaling.plots_compare import plot_frontiers
 from ar_lm.scaling.points import Points, points_from_csv, points_from_sweep, without_repeated_data
 from ar_lm.scaling.predict import compute_multiplier, fit_compared, parse_nd, predict_compute, predict_rows
 from ar_lm.scaling.sweep_data import check_same_scoring
 
 
 def write_fit(pts: Points, out: Path, n_boot: int = 100, approaches=(1, 2, 3), full_grid: bool = False,
-              include_repeated: bool = False) -> dict:
+              include_repeated: bool = False, top: int = 64) -> dict:
     """Fit `pts` (without the points that repeat their data unless `include_repeated`), write OUT/fit.json and
     the plots; returns the fit."""
     pts, repeated = (pts, []) if include_repeated else without_repeated_data(pts)
-    result = fit_points(pts, n_boot=n_boot, approaches=approaches, full_grid=full_grid)
+    result = fit_points(pts, n_boot=n_boot, approaches=approaches, full_grid=full_grid, top=top)
     result |= {"stale_runs": list(pts.stale), "repeated_excluded": repeated}
     atomic_write_json(Path(out) / "fit.json", result)
     plot_fit(result, Path(out), pts)
@@ -79,8 +81,10 @@ def format_report(result: dict) -> str:
             lines.append(f"[fit] approach {i}: N_opt ∝ C^{p['a']:.3f}{_ci(p, 'a')}, D_opt ∝ C^{p['b']:.3f}{_ci(p, 'b')}"
                          f"; {ok[0]}/{ok[1]} bootstrap replicates{note}")
     p2 = result.get("approach2") or {}
-    for e in p2.get("excluded", []):
-        lines.append(f"[fit] approach 2 excludes budget C={e['C']:.3g}: {e['reason']}")
+    lines += [f"[fit] approach 2 excludes {line}" for line in excluded_line(p2.get("excluded", []))]
+    for i, a in sorted((result.get("approaches") or {}).items()):
+        if "skipped" in a:
+            lines.append(f"[fit] approach {i} skipped: {a['skipped']}")
     if p2.get("frontier"):
         f = p2["frontier"]
         lines.append(f"[fit] loss frontier: L*(C) = {f['E']:.3f}{_ci(f, 'E')} + {f['A']:.4g} C^-{f['alpha']:.3f}"
@@ -106,6 +110,7 @@ def format_report(result: dict) -> str:
             verdict = "above" if p3["E_minus_floor"] >= 0 else "BELOW"
             lines.append(f"[fit] entropy-rate floor {p3['floor']:.4f} nats: E is {verdict} it by {p3['E_minus_floor']:+.4f}")
     lines += _tokens_line(result)
+    lines += [f"[fit] WARNING: {w}" for w in result.get("warnings") or []]
     if result.get("repeated_excluded"):
         rep = result["repeated_excluded"]
         lines.append(f"[fit] not fitted: {len(rep)} points past one epoch of their train split (" + ", ".join(
@@ -177,10 +182,9 @@ def fit_command(args) -> int:
         test = _rows(counted.subset(above)) + test
         pts, counted = pts.subset(~above), counted.subset(~above)
     approaches = tuple(args.approach or (1, 2, 3))
-    if 3 in approaches and len(pts.N) < 5:
+    if 3 in approaches and len(pts.N) < 5:  # fit_points names approach 3 as skipped, with what to add
         require(not args.approach and not (test or nd or args.predict_compute),
                 f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
-        approaches = tuple(a for a in approaches if a != 3)
     out = Path(args.out or (Path(args.sweep_dir) / "fit" if args.sweep_dir else Path(args.points).with_suffix("")))
     result = fit_points(pts, n_boot=args.bootstrap, approaches=approaches, full_grid=args.full_grid,
                         attention=args.attention_flops)

@@ -33,7 +33,7 @@ from typing import Optional
 from ar_lm.config import load_experiment_module, load_json, save_json
 from ar_lm.data.dataset import TokenDataset
 from ar_lm.data.media import METRIC_LABELS
-from ar_lm.errors import require
+from ar_lm.errors import UserError, require, run_experiment_code
 from ar_lm.io import atomic_write_text, locked_json_update
 from ar_lm.parallel.placement import check_fits
 from ar_lm.scaling import downstream
@@ -57,6 +57,7 @@ from ar_lm.scaling.sweeps import Sweep, SweepPoint, wsd_compute
 from ar_lm.scaling.wandb_sweep import log_sweep_run
 from ar_lm.training import rundir
 
+STOP_WAIT_S = 120.0  # after Ctrl-C, how long to wait for a running point to checkpoint and exit
 SUMMARY_FIELDS = ("name", "status", "N", "D", "C", "val_loss", "val_loss_se", "val_perplexity", "val_bits_per_byte",
                   "epochs", "wall_time_s", "mfu")
 
@@ -64,7 +65,7 @@ SUMMARY_FIELDS = ("name", "status", "N", "D", "C", "val_loss", "val_loss_se", "v
 def load_sweep(path: str | Path) -> Sweep:
     module = load_experiment_module(path)
     require(hasattr(module, "sweep"), f"experiment file {path} defines no sweep() function")
-    sweep = module.sweep()
+    sweep = run_experiment_code(path, module.sweep)
     require(isinstance(sweep, Sweep), f"sweep() in {path} must return an ar_lm.scaling.Sweep")
     require(len(sweep.points) >= 1, f"the sweep in {path} is empty: define at least two points")
     require(len(sweep.points) >= 2, f"the sweep in {path} has a single point: a scaling fit needs several")
@@ -198,6 +199,9 @@ class SweepRunner:
         progress = LiveProgress(self.dir, pool.total, enabled=show_progress and self.opts.progress)
         try:
             result = self._execute(tasks, pool, done_before, progress.tick)
+        except KeyboardInterrupt:
+            self.interrupted(tasks)
+            raise
         finally:
             progress.tick(force=True)
             progress.close()
@@ -206,6 +210,16 @@ class SweepRunner:
             if s.get("state") == "failed":
                 print(f"[sweep] {t.name} failed: {s.get('error')}", file=sys.stderr, flush=True)
         return {"done": len(points) - len(todo) + result["done"], "failed": result["failed"]}
+
+    def interrupted(self, tasks) -> None:
+        """After Ctrl-C: running points go back to pending (a Slurm job runs on), locally once their trainers
+        have checkpointed and let go of their run directories (a second Ctrl-C stops the wait)."""
+        for t in [t for t in tasks if self.opts.executor != "slurm" and self.store.get(t.name).get("state") == "running"]:
+            if self.opts.executor == "local" and not _wait_for_lock(Path(t.run_dir), STOP_WAIT_S):
+                print(f"[sweep] {t.name} still runs (its pid is in {t.run_dir}/.lock)", file=sys.stderr)
+            self.store.update(t.name, state="pending", pid=None, interrupted=time.time())
+        print("[sweep] interrupted: rerun the same command to resume (finished points are kept, interrupted ones "
+              "resume from their checkpoints)", file=sys.stderr, flush=True)
 
     def _execute(self, tasks, pool, done_before, tick) -> dict:
         if not tasks:
@@ -244,6 +258,19 @@ class SweepRunner:
         writer.writerows(rows)
         atomic_write_text(self.dir / "summary.csv", buf.getvalue())
         return rows
+
+
+def _wait_for_lock(run_dir: Path, timeout_s: float) -> bool:
+    """Wait until no trainer holds `run_dir` (a trainer stopping on SIGINT checkpoints first); False on timeout."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with rundir.RunLock(run_dir):
+                return True
+        except UserError:
+            if time.time() > deadline:
+                return False
+            time.sleep(0.2)
 
 
 def _run_flops(p: SweepPoint) -> float:

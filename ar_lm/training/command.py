@@ -49,7 +49,7 @@ def _train_guarded(cfg, run_dir: Path) -> int:
         result = train(cfg, run_dir, stop_requested=guard)
     print(json.dumps({"run_dir": str(result.run_dir), **result.summary}))
     if result.summary.get("preempted"):
-        print(f"[train] stopped at step {result.summary['step']} with a checkpoint: run the same command to resume",
+        print(f"[train] stopped at step {result.summary['step']} with a checkpoint: rerun the same command to resume",
               file=sys.stderr)
         return EXIT_PREEMPTED
     return 0

@@ -24,7 +24,7 @@ from ar_lm.model.counts import flops_per_token, param_counts
 from ar_lm.model.transformer import relayout_layers
 from ar_lm.parallel.mesh import data_parallel_size, logical_rules, logical_sharding, make_mesh, mesh_context
 from ar_lm.parallel.runtime import backend_xla_flags
-from ar_lm.training import rundir
+from ar_lm.training import lifecycle, rundir
 from ar_lm.training.branch import start_branch
 from ar_lm.training.checkpoint import Checkpointer
 from ar_lm.training.evaluate import evaluate, make_eval_step, token_tables
@@ -87,40 +87,34 @@ def train(
     run_dir = Path(run_dir).absolute()
     dataset = TokenDataset(cfg.data.path)
     cfg = prepare_config(cfg, dataset)
-    check_parallelism(cfg)
-    cfg = remat_for_device_memory(cfg, dataset.eos_id)  # model.remat=auto on GPU/TPU: by compiled memory
-    pipelines = _pipelines(cfg, dataset)  # every check passes before the first write
+    mesh, _ = check_parallelism(cfg)
     identity = dataset.identity()
+    finished = lifecycle.finished_summary(run_dir, cfg, dataset.path, identity)  # said so on stderr
+    if finished is not None:
+        return TrainResult(run_dir, None, finished)
+    pipelines = _pipelines(cfg, dataset)  # every check passes before the first write
+    lineage = lifecycle.check_init_from(cfg, run_dir, dataset.path, identity)
     if cfg.train.branch_of:
         rundir.check_same_data(Path(cfg.train.branch_of).absolute(), dataset.path, identity, "the branch's trunk")
+    lifecycle.check_resume(run_dir, cfg, dataset.path, identity)  # read only (again under the lock)
+    if cfg.logging.progress:  # before anything compiles (remat=auto's search, the first step)
+        lifecycle.say(lifecycle.start_line(run_dir, cfg, mesh))
+    cfg = remat_for_device_memory(cfg, dataset.eos_id)  # model.remat=auto on GPU/TPU: by compiled memory
     run_dir.mkdir(parents=True, exist_ok=True)
     # process 0 holds the run directory's lock for the whole multi-process run
     with rundir.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
         if cfg.train.branch_of and not rundir.is_run_dir(run_dir) and jax.process_index() == 0:
             start_branch(run_dir, cfg)  # a cooldown branch starts from its trunk
-        if rundir.is_run_dir(run_dir):
-            rundir.check_same_data(run_dir, dataset.path, identity)
-            changed = rundir.check_resume_compatible(run_dir, cfg, trained=_has_trained(run_dir))
-            if changed and jax.process_index() == 0:
-                print("[train] resuming with other speed settings (the same function): "
-                      + ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in changed), file=sys.stderr)
-        return _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested)
+        changed = lifecycle.check_resume(run_dir, cfg, dataset.path, identity)
+        if changed and jax.process_index() == 0:
+            print("[train] resuming with other speed settings (the same function): "
+                  + ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in changed), file=sys.stderr)
+        return _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested, lineage)
 
 
 def kept_steps(cfg: ExperimentConfig) -> tuple[int, ...]:
     """The steps of `train.checkpoint_at_tokens` (tokens // tokens per step), checkpointed and never deleted."""
     return tuple(sorted({t // cfg.tokens_per_step for t in cfg.train.checkpoint_at_tokens} - {0}))
-
-
-def _has_trained(run_dir: Path) -> bool:
-    """Whether the run has a checkpoint past step 0 (an imported model at step 0 has not trained yet)."""
-    if not (run_dir / rundir.CHECKPOINTS).is_dir():
-        return False
-    ckpt = Checkpointer(run_dir / rundir.CHECKPOINTS, read_only=True)
-    try:
-        return (ckpt.latest_step() or 0) > 0
-    finally:
-        ckpt.close()
 
 
 def _pipelines(cfg: ExperimentConfig, dataset: TokenDataset):
@@ -173,17 +167,20 @@ class _Run:
     train_split_tokens: int  # target tokens in the train split's windows (one epoch)
     eval_sets: dict = dataclasses.field(default_factory=dict)  # name -> batches of each `data.eval_sets` entry
     modality_metric: Optional[str] = None  # a media dataset's name for bits per byte (`modality_metric_name`)
+    clock: Optional[lifecycle.WallClock] = None  # wall time over all of the run's segments
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.tokens_per_step
 
 
-def _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested) -> TrainResult:
+def _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested, lineage) -> TrainResult:
     t_start = time.time()
-    run = _setup(cfg, run_dir, dataset, *pipelines)
+    run = _setup(cfg, run_dir, dataset, *pipelines, lineage=lineage)
     if run is None:  # finished already: nothing to do
+        lifecycle.say_finished(run_dir, rundir.read_summary(run_dir))
         return TrainResult(run_dir, None, rundir.read_summary(run_dir))
+    run.clock = lifecycle.WallClock(run_dir, t_start)
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
     log = _StepLog(run)
     try:
@@ -191,12 +188,14 @@ def _train_locked(cfg, run_dir, dataset, pipelines, stop_after, stop_requested) 
     finally:
         run.ckpt.close()
         run.logger.close()
+        run.clock.total()  # this segment counts even when it failed
     return _finish(run, state, end, last_eval, log, first_step_time, t_start)
 
 
-def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds, val, eval_sets) -> Optional[_Run]:
-    """Mesh, optimizer, shardings, data, the restored (or fresh) state, compiled steps; None if the run
-    has finished already."""
+def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds, val, eval_sets,
+           lineage: Optional[dict] = None) -> Optional[_Run]:
+    """Mesh, optimizer, shardings, data, the restored (or fresh, or `lineage`'s: `train.init_from`) state,
+    compiled steps; None if the run has finished already."""
     mesh, rules = check_parallelism(cfg)
     tx, schedule = run_optimizer(cfg)
     shardings = state_shardings(cfg, tx, mesh, rules)
@@ -214,6 +213,11 @@ def _setup(cfg: ExperimentConfig, run_dir: Path, dataset: TokenDataset, train_ds
             data_iter.set_state(data_state)
             if jax.process_index() == 0:
                 print(f"[train] resuming from the checkpoint at step {start}", file=sys.stderr, flush=True)
+        elif lineage:
+            start, state = 0, lifecycle.init_state_from(cfg, lineage, tx, shardings, mesh, rules)
+            lifecycle.write_lineage(run_dir, lineage)
+            lifecycle.say(f"starting from the parameters of {lineage['run_dir']} at step {lineage['step']} "
+                          "(a fresh optimizer state, step 0)")
         else:
             start = 0
             state = init_state(cfg, tx, shardings, jax.random.key(cfg.train.seed))
@@ -303,6 +307,8 @@ def _loop(run: _Run, end: int, stop_requested, log: _StepLog, t_start: float):
         if first_step_time is None:
             log.first_step(metrics, t_dispatch)
             first_step_time = time.time() - t_start
+            if cfg.logging.progress:
+                lifecycle.say(f"step {step + 1} took {log.first_step_s:.1f} s (compiling included): training to step {end}")
         else:
             log.steps += 1
         done = step + 1
@@ -319,6 +325,7 @@ def _loop(run: _Run, end: int, stop_requested, log: _StepLog, t_start: float):
             log.flush()
             _check_finite(cfg, *(int(x) for x in jax.device_get((state["bad_step"], state["skips"]))))
             run.ckpt.save(done, state, run.data_iter.get_state())
+            run.clock.total()
         if stopping:
             run.ckpt.wait()  # synchronous: the checkpoint is committed before we return
             break
@@ -363,7 +370,8 @@ def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, fi
         "tokens": final_step * tokens_per_step,
         "epochs": final_step * tokens_per_step / run.train_split_tokens,  # tokens / train split tokens
         "flops": fpt * final_step * tokens_per_step,
-        "wall_time_s": time.time() - t_start,
+        "wall_time_s": run.clock.total(),  # all segments (resumes) together; this one's: segment_wall_time_s
+        "segment_wall_time_s": time.time() - t_start,
         "devices": jax.device_count(),
         "xla_flags": backend_xla_flags(),
         "time_to_first_step_s": first_step_time,
@@ -374,6 +382,9 @@ def _finish(run: _Run, state: dict, end: int, last_eval: dict, log: _StepLog, fi
     }
     if run.cfg.train.branch_of:  # a cooldown branch: its lineage (`ar-lm cooldown`)
         summary |= {"branch_of": run.cfg.train.branch_of, "branch_step": run.cfg.train.branch_step}
+    lineage = lifecycle.read_lineage(run.run_dir)
+    if lineage:  # started from another run's parameters (`train.init_from`)
+        summary["init_from"] = lineage
     if jax.process_index() == 0 and summary["finished"]:
         rundir.write_summary(run.run_dir, summary)
     return TrainResult(run.run_dir, state, summary)

@@ -37,6 +37,8 @@ class PreemptionGuard:
 
     def _handle(self, signum, _frame):
         if self.signal is not None:
+            print(f"\n[train] aborted on a second {signal.Signals(signum).name}: rerun the same command to resume from "
+                  "the last checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signal = signum
         print(f"\n[train] received {signal.Signals(signum).name}: checkpointing after this step "

@@ -6,6 +6,8 @@
     RUN_DIR/metrics.jsonl      one JSON record per logged step (train) and per evaluation (val)
     RUN_DIR/checkpoints/<step> orbax checkpoints (train state + data iterator state)
     RUN_DIR/summary.json       final metrics, written atomically when the run finishes
+    RUN_DIR/wall_time.json     seconds of each training segment (summed into wall_time_s, `lifecycle.py`)
+    RUN_DIR/init_from.json     lineage of a run started with train.init_from (`lifecycle.py`)
     RUN_DIR/wandb/             wandb files (offline runs can be synced with `wandb sync`)
     RUN_DIR/lm_eval/results.json  downstream task metrics of the latest checkpoint (`ar-lm lm-eval`)
     RUN_DIR/.lock              held while a trainer runs
@@ -64,10 +66,15 @@ def function_differences(saved: ExperimentConfig, cfg: ExperimentConfig, trained
     the architecture (with document masking) and the data order; once it has trained, also the optimizer and
     the schedule's length; `measured` (a sweep reusing a finished run as its point): also what its val loss
     was scored on (`MEASUREMENT_FIELDS`)."""
-    keys = [k for k in _flat(saved) if k.startswith("model.") and k not in SPEED_FIELDS]
-    keys += list(DATA_FUNCTION_FIELDS) + list(DATA_ORDER_FIELDS) + list(MEASUREMENT_FIELDS if measured else ())
+    keys = list(DATA_FUNCTION_FIELDS) + list(DATA_ORDER_FIELDS) + list(MEASUREMENT_FIELDS if measured else ())
     if trained:
         keys += [k for k in _flat(saved) if k.startswith("optim.")] + list(TRAINING_FIELDS)
+    return architecture_differences(saved, cfg) + _changed(saved, cfg, keys)
+
+
+def architecture_differences(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[tuple]:
+    """(field, saved, new) for the model fields that differ, but for the speed settings: another architecture."""
+    keys = [k for k in _flat(saved) if k.startswith("model.") and k not in SPEED_FIELDS]
     return [(k, was, now) for k, was, now in _changed(saved, cfg, keys)
             if not (k == "model.vocab_size" and now == 0)]  # 0: the dataset's
 
@@ -88,6 +95,8 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig, trained: bool 
             f"run directory {run_dir} was trained with {key}={was!r}, not {now!r}"
             + (f" (and {', '.join(more)} differ)" if more else "")
             + ": resume with the same settings or use a new --run-dir"
+            + (f" (with --set train.init_from={run_dir} to start from its parameters)"
+               if {"train.steps", "train.tokens"} & {k for k, _, _ in differ} else "")
         )
     return _changed(saved, cfg, SPEED_FIELDS)
 
