@@ -159,14 +159,19 @@ def _fit(p) -> None:
     p.add_argument("--out", help="output directory for fit.json and plots (default: SWEEP_DIR/fit or next to the CSV)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for confidence intervals")
     p.add_argument("--approach", type=int, action="append", choices=(1, 2, 3), help="repeatable; default: all")
-    p.add_argument("--flops-model", default="6nd", choices=("6nd", "exact"),
-                   help="how the CSV's flops were counted (exact: flops / tokens per row)")
-    p.add_argument("--attention-flops", default="causal", choices=("causal", "full"),
-                   help="count attention FLOPs causal-halved (default, as the runs record them) or over the full "
-                   "L x L square as Chinchilla does (recounted from a sweep's recorded shapes)")
+    p.add_argument("--forms", "--form", default="chinchilla,kaplan,frontier,frontier:E=0,gadre", help="law forms fitted "
+                   "side by side (chinchilla, kaplan, frontier, frontier:E=VALUE, gadre, muennighoff; comma-separated)")
+    p.add_argument("--select", default="rollout", choices=("rollout", "first"), help="the law that predicts: the best "
+                   "under rollout cross-validation over the budgets (and intervals calibrated on it), or the first form")
+    p.add_argument("--curves", action="store_true", help="also fit each size's loss curves (multi-power law)")
+    p.add_argument("--task", action="append", metavar="lm_eval/TASK/METRIC", help="repeatable: a downstream-task law "
+                   "(task loss from N, D; the metric from task loss) fitted on summary.csv's column")
+    p.add_argument("--task-loss", default="val_loss", help="the --task laws' intermediate loss column")
+    p.add_argument("--flops-model", default="6nd", choices=("6nd", "exact"), help="the CSV's flops: 6ND or exact")
+    p.add_argument("--attention-flops", default="causal", choices=("causal", "full"), help="count attention FLOPs "
+                   "causal-halved (default, as runs record them) or over the full L x L square as Chinchilla does")
     p.add_argument("--full-grid", action="store_true", help="approach 3 from every grid start (default: the best 64)")
-    p.add_argument("--include-repeated", action="store_true",
-                   help="also fit points that trained > 1 epoch of their train split (left out by default)")
+    p.add_argument("--include-repeated", action="store_true", help="also fit points past 1 epoch of their train split")
     p.add_argument("--test", help="CSV of held-out points (same columns as --points): predict each with an interval")
     p.add_argument("--predict", nargs="+", metavar="N:D", help="predict the loss at these sizes and token counts")
     p.add_argument("--predict-compute", nargs="+", type=float, metavar="C", help="compute-optimal N, D, loss at C")
@@ -192,8 +197,7 @@ def _launch(p) -> None:
     p.add_argument("launcher", choices=("local", "tpu", "slurm"), help="where the command runs")
     p.add_argument("--dry-run", action="store_true", help="print the exact commands, run nothing")
     p.add_argument("--processes", type=int, default=DEFAULTS["processes"], help="local: processes")
-    p.add_argument("--devices-per-process", type=int, default=DEFAULTS["devices_per_process"],
-                   help="local: fake CPU devices per process")
+    p.add_argument("--devices-per-process", type=int, default=DEFAULTS["devices_per_process"], help="local")
     p.add_argument("--timeout", type=float, default=DEFAULTS["timeout"], help="local: seconds before the run is stopped")
     p.add_argument("--name", default=env["name"], help="tpu: TPU VM name")
     p.add_argument("--zone", default=env["zone"], help="tpu: zone")
@@ -202,8 +206,7 @@ def _launch(p) -> None:
     p.add_argument("--project", default=env["project"], help="tpu: Google Cloud project")
     p.add_argument("--spot", action="store_true", help="tpu: preemptible (spot) capacity")
     p.add_argument("--queued", action="store_true", help="tpu: create through queued resources")
-    p.add_argument("--queued-timeout", type=float, default=3600.0,
-                   help="tpu: seconds to wait for the queued resource to become ACTIVE")
+    p.add_argument("--queued-timeout", type=float, default=3600.0, help="tpu: seconds to wait for it to be ACTIVE")
     p.add_argument("--nodes", type=int, default=env["nodes"], help="slurm: nodes")
     p.add_argument("--gpus-per-node", type=int, default=env["gpus_per_node"], help="slurm")
     p.add_argument("--partition", default=env["partition"], help="slurm: partition")
@@ -262,14 +265,8 @@ def _codec(verb: str):
     return add
 
 
-def _import_hf(p) -> None:
-    p.add_argument("hf_dir", help="a Hugging Face model directory (config.json + weights)")
-    p.add_argument("run_dir", help="the run directory to create")
-
-
-def _export_hf(p) -> None:
-    p.add_argument("run_dir", help=RUN_DIR_HELP)
-    p.add_argument("out_dir", help="the Hugging Face directory to write")
+def _positionals(*pairs):
+    return lambda p: [p.add_argument(name, help=text) for name, text in pairs]
 
 
 # command -> (help, argument builder, module, function); the module is imported only when its command runs
@@ -299,10 +296,12 @@ COMMANDS = {
                  _codec("compress"), "ar_lm.decoding.compress_command", "compress_command"),
     "decompress": ("decompress a file `ar-lm compress` wrote, with the same run", _codec("decompress"),
                    "ar_lm.decoding.compress_command", "decompress_command"),
-    "import-hf": ("import a Hugging Face GPT-2 / Llama directory as an ar_lm run", _import_hf, "ar_lm.interop.hf",
-                  "import_hf_command"),
-    "export-hf": ("export a run as a Hugging Face directory (config.json + safetensors)", _export_hf,
-                  "ar_lm.interop.hf", "export_hf_command"),
+    "import-hf": ("import a Hugging Face GPT-2 / Llama directory as an ar_lm run", _positionals(
+        ("hf_dir", "a Hugging Face model directory (config.json + weights)"), ("run_dir", "the run directory to create")),
+        "ar_lm.interop.hf", "import_hf_command"),
+    "export-hf": ("export a run as a Hugging Face directory (config.json + safetensors)", _positionals(
+        ("run_dir", RUN_DIR_HELP), ("out_dir", "the Hugging Face directory to write")), "ar_lm.interop.hf",
+        "export_hf_command"),
     "config": ("print an experiment's resolved config as JSON", lambda p: _experiment(p, run_dir=False),
                "ar_lm.training.command", "config_command"),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -98,25 +99,56 @@ def results_markdown() -> str:
                       f"({100 * (1 - spent / alone):.0f}% saved; `sweep.json`, coords `C` and `C_run`).", ""]
     if "skipped" in hold:
         return "\n".join(lines + [f"Held-out run at C = {hold['budget']:.1e}: skipped ({hold['skipped']})."]) + "\n"
+    law = hold.get("law", "chinchilla")
     lines += [
-        f"Held-out run at C = {hold['C']:.1e} ({hold['beyond_largest_budget']:.1f}x the largest sweep budget) at the "
-        f"fitted N_opt = {hold['N_opt_fitted']:,.0f} [{hold['N_opt_interval'][0]:,.0f}, {hold['N_opt_interval'][1]:,.0f}] "
-        f"(the nearest ladder shape: N = {hold['N']:,}, D = {hold['D'] / 1e6:.1f}M tokens): predicted loss "
-        f"{hold['predicted_loss']:.3f} with 95% prediction interval [{lo:.3f}, {hi:.3f}], measured "
+        f"Held-out run at C = {hold['C']:.1e} ({hold['beyond_largest_budget']:.1f}x the largest sweep budget) at "
+        f"approach 3's N_opt = {hold['N_opt_fitted']:,.0f} [{hold['N_opt_interval'][0]:,.0f}, "
+        f"{hold['N_opt_interval'][1]:,.0f}] (the nearest ladder shape: N = {hold['N']:,}, D = {hold['D'] / 1e6:.1f}M "
+        f"tokens): the selected law, {law}, predicted {hold['predicted_loss']:.3f} with 95% prediction interval "
+        f"[{lo:.3f}, {hi:.3f}] (±{50 * (hi - lo) / hold['predicted_loss']:.1f}%); measured "
         f"{hold['measured_loss']:.3f} nats/token ({100 * hold['relative_error']:+.1f}%, {inside} the interval).",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _forms_table(fit, hold)) + "\n"
+
+
+def _forms_table(fit: dict, hold: dict) -> list[str]:
+    """The law forms side by side: rollout errors per fold (fit budgets <= C_k, predict C_k+1's IsoFLOP minimum),
+    and each form's prediction of the held-out run."""
+    laws = fit.get("laws")
+    if not laws or not laws.get("rollout"):
+        return []
+    folds = [f for f in laws["rollout"]["folds"] if "forms" in f]
+    names = list(laws["rollout"]["scores"])
+    cell = lambda v: f"{100 * math.expm1(v['error']):+.1f}%" if "error" in v else "-"  # noqa: E731
+    head = "| form | " + " | ".join(f"C={f['C']:.2g}" for f in folds) + " | mean \\|error\\| | held-out |"
+    rows = ["", f"Law forms by rollout cross-validation (`fit.json` `laws`; selected: {laws['selected']}):", "",
+            head, "|" + " --- |" * (len(folds) + 3)]
+    for n in names:
+        s = laws["rollout"]["scores"][n]
+        mean = f"{100 * s['mean_abs_error']:.2f}%" + ("" if s["compared"] else " (not compared)") \
+            if s["mean_abs_error"] is not None else "-"
+        h = (hold.get("forms") or {}).get(n)
+        held = f"{h['predicted_loss']:.3f} ({100 * h['relative_error']:+.1f}%)" if h else "-"
+        rows.append(f"| {n} | " + " | ".join(cell(f["forms"].get(n, {})) for f in folds) + f" | {mean} | {held} |")
+    return rows
+
+
+def _render(path: Path, marker: str, body: str) -> None:
+    text = path.read_text()
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+    if start not in text or end not in text:
+        sys.exit(f"error: {path} has no {marker} markers: add them around the generated section")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + body + end + rest.split(end, 1)[1])
+    print(f"[main_job] rendered the {marker} section of {path}")
 
 
 def render_readme() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- main-job-results -->\n", "<!-- /main-job-results -->"
-    if start not in text or end not in text:
-        sys.exit("error: README.md has no main-job-results markers: add them around the results section")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + results_markdown() + end + rest.split(end, 1)[1])
-    print(f"[main_job] rendered the results section of {readme}")
+    """The README's results section and the rollout table of docs/explanation/fitting.md."""
+    _render(ROOT / "README.md", "main-job-results", results_markdown())
+    fit = json.loads((DOCS / "fit.json").read_text())
+    (hold,) = json.loads((DOCS / "holdout.json").read_text())
+    _render(ROOT / "docs" / "explanation" / "fitting.md", "rollout-table", "\n".join(_forms_table(fit, hold)[1:]) + "\n")
 
 
 def main() -> int:

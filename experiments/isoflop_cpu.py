@@ -3,12 +3,13 @@
     ar-lm sweep experiments/isoflop_cpu.py
 
 It tokenizes the Python standard library (bytes) and trains, per model size, one constant-lr trunk
-with a cooldown branched from its checkpoints at each of 3 compute budgets (Hägele et al. 2024), so
-5 sizes x 3 budgets cost about what 5 runs at the largest budget would. Each size's peak learning
+with a cooldown branched from its checkpoints at each of 5 compute budgets (Hägele et al. 2024), so
+5 sizes x 5 budgets cost about what 5 runs at the largest budget would. Each size's peak learning
 rate comes from the power law fitted to `experiments/isoflop_cpu_lr.py`'s lr sweep
-(`isoflop_cpu_lr.json`). It then fits Chinchilla approaches 1-3 with bootstrap intervals, writes the
-plots to sweeps/isoflop_cpu/fit/, and trains one held-out `wsd` run at 4x the largest budget at the
-fitted compute-optimal size, comparing the law's prediction interval with the measured loss.
+(`isoflop_cpu_lr.json`). It then fits Chinchilla approaches 1-3 with bootstrap intervals and the law
+forms side by side, one chosen by rollout cross-validation over the budgets (`ar_lm/scaling/rollout.py`),
+writes the plots to sweeps/isoflop_cpu/fit/, and trains one held-out `wsd` run at 4x the largest budget
+at the fitted compute-optimal size, comparing every form's prediction with the measured loss.
 """
 
 from pathlib import Path
@@ -17,7 +18,8 @@ from ar_lm.config import DataConfig, ExperimentConfig, LoggingConfig, MeshConfig
 from ar_lm.scaling import DataSpec, ShapeRule, Sweep, wsd_sweep
 from ar_lm.scaling.hparams import HParamRule
 
-BUDGETS = (1e11, 3e11, 1e12)  # training FLOPs per branch
+BUDGETS = (1e11, 1.8e11, 3.2e11, 5.6e11, 1e12)  # training FLOPs per branch: a quarter-decade apart, so
+# rollout cross-validation has 4 folds (fit budgets <= C_k, predict C_k+1)
 HOLDOUT = (4e12,)  # 4x the largest budget
 RULE = ShapeRule(aspect=32, head_dim=8)
 # ladder sizes (non-embedding N) around the compute-optimal sizes of these budgets (~7k at 1e11 to

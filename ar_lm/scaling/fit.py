@@ -26,9 +26,11 @@ import numpy as np
 from ar_lm.errors import require
 from ar_lm.scaling import diagnose
 from ar_lm.scaling.compute import ComputeModel, analytic
+from ar_lm.scaling.forms import get_form, resample
 from ar_lm.scaling.isoflop import WINDOW, approach2, budget_minimum, power_law
 from ar_lm.scaling.parametric import PARAMS, fit_parametric, local_exponents, optimal_size
 from ar_lm.scaling.points import Points
+from ar_lm.scaling.rollout import fit_laws
 
 CI = (2.5, 97.5)
 
@@ -186,16 +188,6 @@ G_CONVENTION = {
 }
 
 
-def resample(rng, clusters: Sequence) -> np.ndarray:
-    """Indices of one bootstrap replicate: as many clusters as there are, drawn with replacement, each
-    with all its points. `clusters[i]` names point i's cluster (a WSD ladder's trunk: its branches share
-    one run); None or "" makes the point a cluster of its own (plain resampling of points)."""
-    labels = [c if c not in (None, "") else ("\0point", i) for i, c in enumerate(clusters)]
-    _, which = np.unique([str(c) for c in labels], return_inverse=True)
-    members = [np.flatnonzero(which == k) for k in range(which.max() + 1)]
-    return np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
-
-
 def _fit_approach3(pts: Points, n_boot: int, rng, full_grid: bool, top: int, options: Optional[dict],
                    clusters: Optional[Sequence] = None) -> dict:
     """The fit from the grid; each bootstrap replicate (points, or whole `clusters`, resampled: `resample`)
@@ -297,6 +289,18 @@ def tokens_per_parameter(result: dict, compute: ComputeModel) -> list[dict]:
 # All approaches
 
 
+def _fit_laws(pts: Points, forms: Sequence[str], n_boot: int, result: dict, clusters, select: str,
+              window: float) -> dict:
+    """`rollout.fit_laws` with approach 3's law as the chinchilla form and one run's log scatter from the
+    IsoFLOP windows (`_noise_scale`), where the points have budgets."""
+    scale, _ = _noise_scale(pts, window) if pts.group is not None else (None, {})
+    run_noise = float(np.sqrt(np.mean((scale / pts.L) ** 2))) if scale is not None else None
+    p3 = result.get("approach3") or {}
+    chinchilla = {k: p3[k] for k in (*PARAMS, "theta")} if p3 else None
+    return fit_laws(pts, [get_form(f) for f in forms], n_boot, result["bootstrap_seed"], clusters, select,
+                    chinchilla, run_noise)
+
+
 def bootstrap_stream(seed: Union[int, Sequence[int]]) -> list[int]:
     """The seed as numpy's SeedSequence reads it (trailing zero words dropped: 0 and [0, 0] draw alike)."""
     words = [int(x) for x in np.atleast_1d(seed)]
@@ -307,12 +311,14 @@ def bootstrap_stream(seed: Union[int, Sequence[int]]) -> list[int]:
 
 def fit_points(pts: Points, n_boot: int = 100, seed: Union[int, Sequence[int]] = 0, approaches=(1, 2, 3),
                full_grid: bool = False, window: float = WINDOW, top: int = 64, options: Optional[dict] = None,
-               clusters: Optional[Sequence] = None, attention: str = "causal") -> dict:
+               clusters: Optional[Sequence] = None, attention: str = "causal", forms: Sequence[str] = (),
+               select: str = "rollout") -> dict:
     """Every approach that the points allow, with bootstrap intervals; JSON-serialisable. `seed` (an int
     or a sequence of ints, e.g. [seed, sweep index]) is recorded as `bootstrap_seed`; `clusters` (default:
     the points' WSD trunks, `pts.trunk`, where they have them) resample together in approach 3. `attention`:
     how C counts attention FLOPs (`with_attention`); `conventions` says what N and C count, and
-    `tokens_per_parameter` gives D_opt / N_opt at each budget."""
+    `tokens_per_parameter` gives D_opt / N_opt at each budget. `forms` (`forms.py`) are fitted side by side
+    into `laws`, one selected by rollout cross-validation (`select`, `rollout.fit_laws`)."""
     require(np.all(pts.N > 0) and np.all(pts.D > 0) and np.all(pts.L > 0), "params, tokens and loss must be positive")
     pts = with_attention(pts, attention)
     rng = np.random.default_rng(bootstrap_stream(seed))
@@ -328,9 +334,9 @@ def fit_points(pts: Points, n_boot: int = 100, seed: Union[int, Sequence[int]] =
         for p, ep in zip(result["points"], pts.epochs):
             p["epochs"] = float(ep)
     skipped = {}
+    clusters = getattr(pts, "trunk", None) if clusters is None else clusters
+    require(clusters is None or len(clusters) == len(pts.N), "clusters must name one cluster per point")
     if 3 in approaches:
-        clusters = getattr(pts, "trunk", None) if clusters is None else clusters
-        require(clusters is None or len(clusters) == len(pts.N), "clusters must name one cluster per point")
         if len(pts.N) >= 5:
             result["approach3"] = _fit_approach3(pts, n_boot, rng, full_grid, top, options, clusters)
         else:
@@ -350,6 +356,8 @@ def fit_points(pts: Points, n_boot: int = 100, seed: Union[int, Sequence[int]] =
     result["approaches"] = diagnose.approaches_summary(result, skipped)
     require(any(f"approach{i}" in result for i in (1, 2, 3)), "too few points for any approach: " +
             "; ".join(f"approach {i}: {why}" for i, why in sorted(skipped.items())))
+    if forms:
+        result["laws"] = _fit_laws(pts, forms, n_boot, result, clusters, select, window)
     result["warnings"] = diagnose.warnings(result)
     result["tokens_per_parameter"] = tokens_per_parameter(result, pts.compute)
     return result

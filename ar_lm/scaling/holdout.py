@@ -12,6 +12,7 @@ from ar_lm.scaling.plots import plot_fit
 from ar_lm.scaling.points import points_from_sweep, without_repeated_data
 from ar_lm.scaling.predict import predict_compute, predict_loss
 from ar_lm.scaling.report import fit_sweep_dir, format_report
+from ar_lm.scaling.rollout import predict_laws
 from ar_lm.scaling.sweeps import Sweep, compute_optimal_point
 from ar_lm.training import rundir
 
@@ -43,8 +44,9 @@ def fit_and_check(sweep: Sweep, runner, out: Path) -> None:
 
 
 def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float) -> dict:
-    """Run `holdout{index}` at `budget` with the ladder shape nearest the fitted N_opt (no clamp to
-    the sweep's sizes) and compare its final val loss with the law's prediction and 95% interval."""
+    """Run `holdout{index}` at `budget` with the ladder shape nearest approach 3's N_opt (no clamp to
+    the sweep's sizes) and compare its final val loss with the selected law's prediction and 95% interval
+    (approach 3's without law forms), and with every fitted form's (`forms`)."""
     optimal = predict_compute(result, budget)
     point = compute_optimal_point(sweep.base, budget, optimal["N_opt"], f"holdout{index}", sweep.rule, sweep.n_kind,
                                   sweep.hparams, sweep.points)
@@ -52,6 +54,13 @@ def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float)
     runner.run([point])
     measured = (rundir.read_summary(runner.run_dir(point.name)) or {}).get("val_loss")
     pred = predict_loss(result, point.coords["N"], point.coords["D"])
+    forms = {}
+    if (result.get("laws") or {}).get("selected"):  # every fitted form's prediction; the selected one's checks
+        per = predict_laws(result, point.coords["N"], point.coords["D"], point.coords["C"])
+        forms = {name: {"predicted_loss": v["predicted_loss"][0], "interval": v["interval"][0],
+                        "relative_error": (v["predicted_loss"][0] - measured) / measured if measured else None}
+                 for name, v in per["forms"].items()}
+        pred = forms[per["selected"]]
     predicted = pred["predicted_loss"]
     largest = max(p.coords["C"] for p in sweep.points)
     check = {"name": point.name, "budget": budget, "beyond_largest_budget": point.coords["C"] / largest,
@@ -59,12 +68,16 @@ def holdout_check(sweep: Sweep, runner, result: dict, index: int, budget: float)
              "N": point.coords["N"], "D": point.coords["D"], "C": point.coords["C"], "predicted_loss": predicted,
              "interval": pred["interval"], "measured_loss": measured,
              "relative_error": (predicted - measured) / measured if measured else None,
-             "inside_interval": bool(pred["interval"][0] <= measured <= pred["interval"][1]) if measured else None}
+             "inside_interval": bool(pred["interval"][0] <= measured <= pred["interval"][1]) if measured else None,
+             "law": (result.get("laws") or {}).get("selected") or "chinchilla", "forms": forms}
     if measured is None:
         print(f"[holdout] {point.name} did not finish: {runner.status.get(point.name, {}).get('error')}")
     else:
         lo, hi = pred["interval"]
         print(f"[holdout] C={point.coords['C']:.3g} ({check['beyond_largest_budget']:.1f}x the largest budget) "
-              f"N={point.coords['N']:,} D={point.coords['D']:,}: predicted loss {predicted:.4f} [{lo:.4f}, {hi:.4f}], "
-              f"measured {measured:.4f} ({100 * check['relative_error']:+.2f}%)")
+              f"N={point.coords['N']:,} D={point.coords['D']:,}: {check['law']} predicts loss {predicted:.4f} "
+              f"[{lo:.4f}, {hi:.4f}], measured {measured:.4f} ({100 * check['relative_error']:+.2f}%)")
+        for name, f in forms.items():
+            print(f"[holdout]   {name}: {f['predicted_loss']:.4f} [{f['interval'][0]:.4f}, {f['interval'][1]:.4f}] "
+                  f"({100 * f['relative_error']:+.2f}%)")
     return check

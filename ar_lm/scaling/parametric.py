@@ -7,7 +7,10 @@ is divided by n · delta² (so it is O(1) however small the residuals) and log N
 `res.success`, or a line search that can no longer lower the objective at a stationary point
 (projected gradient <= STATIONARY_GTOL); iteration and evaluation limits never count. Starts: the
 best `top` points of the initialisation grid by objective, or every grid point (`full_grid`, the
-procedure of Hoffmann et al.).
+procedure of Hoffmann et al.). Beside them runs variable projection (`vpnls`, Czech et al. 2026: the
+exponents by grid search, E, A, B by non-negative least squares, then one L-BFGS-B run from there); the
+fit is whichever of the two reaches the lower objective (`method`, both under `methods`). Bootstrap
+replicates (`starts` given) run L-BFGS-B from the fit's optimum alone.
 
 The compute-optimal frontier at C minimises L(N, D(N, C)) over N numerically under the fit's
 compute model (closed form only under C = 6ND: N_opt = G (C/6)^a, a = beta / (alpha + beta),
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from typing import Optional
 
 import numpy as np
 from scipy import optimize
 
+from ar_lm.scaling import vpnls
 from ar_lm.scaling.compute import ComputeModel
 
 HUBER_DELTA = 1e-3
@@ -99,10 +104,34 @@ def _law(theta_c: np.ndarray, mu_n: float, mu_d: float) -> dict:
             "theta": [float(a), float(b), float(e), float(alpha), float(beta)]}
 
 
+def _lbfgs(x0s, x_n, x_d, log_l, options: Optional[dict]) -> list:
+    return [optimize.minimize(_objective, x0, args=(x_n, x_d, log_l), jac=True, method="L-BFGS-B", bounds=BOUNDS,
+                              options={**OPTIONS, **(options or {})}) for x0 in x0s]
+
+
+def _vpnls(N, D, L, x_n, x_d, log_l, options: Optional[dict]):
+    """VPNLS (`vpnls.fit_vpnls`: exponents by grid search and a polish, E, A, B by NNLS), then one L-BFGS-B
+    run of all five parameters from its solution on this objective; (that run, the VPNLS fit). `options`
+    (L-BFGS-B's) go to both of its L-BFGS-B runs."""
+    v = vpnls.fit_vpnls(N, D, L, HUBER_DELTA, options)
+    x0 = np.clip(v["theta_c"], [lo if lo is not None else -np.inf for lo, _ in BOUNDS],
+                 [hi if hi is not None else np.inf for _, hi in BOUNDS])
+    return _lbfgs([x0], x_n, x_d, log_l, options)[0], v
+
+
+def _spread(runs: list, ok: dict, mu_n: float, mu_d: float, spread_of: int) -> dict:
+    good = sorted((r for r in runs if ok[id(r)]), key=lambda r: r.fun)[:spread_of]
+    laws = [_law(r.x, mu_n, mu_d) for r in good]
+    return {k: float(max(l[k] for l in laws) - min(l[k] for l in laws)) if laws else None for k in PARAMS}
+
+
 def fit_parametric(N, D, L, top: Optional[int] = 64, starts: Optional[list] = None, options: Optional[dict] = None,
-                   spread_of: int = 5) -> dict:
-    """The best optimum over the starts, with `converged` (see `_converged`), `converged_starts` of
-    `n_starts`, and the spread (max - min) of each parameter over the best `spread_of` converged optima."""
+                   spread_of: int = 5, use_vpnls: Optional[bool] = None) -> dict:
+    """The best optimum of two methods: L-BFGS-B from each start, and VPNLS (`_vpnls`; by default only
+    with the grid's starts, not from given `starts`, the bootstrap's). `method` names the one with the lower
+    objective, `methods` both (objective, seconds, converged). `converged` (see `_converged`) is the chosen
+    optimum's; `converged_starts` of `n_starts` and the spread (max - min) of each parameter over the best
+    `spread_of` converged optima are the L-BFGS starts'."""
     log_n, log_d, log_l = np.log(N), np.log(D), np.log(L)
     mu_n, mu_d = float(log_n.mean()), float(log_d.mean())
     x_n, x_d = log_n - mu_n, log_d - mu_d
@@ -110,17 +139,25 @@ def fit_parametric(N, D, L, top: Optional[int] = 64, starts: Optional[list] = No
         x0s = _starts(x_n, x_d, log_l, mu_n, mu_d, top)
     else:  # natural coordinates (a, b, e, alpha, beta), e.g. a previous fit's theta
         x0s = np.array([[s[0] - s[3] * mu_n, s[1] - s[4] * mu_d, s[2], s[3], s[4]] for s in starts])
-    runs = [optimize.minimize(_objective, x0, args=(x_n, x_d, log_l), jac=True, method="L-BFGS-B", bounds=BOUNDS,
-                              options={**OPTIONS, **(options or {})}) for x0 in x0s]
+    t0 = time.perf_counter()
+    runs = _lbfgs(x0s, x_n, x_d, log_l, options)
     best = min(runs, key=lambda r: r.fun)
     ok = {id(r): _converged(r) for r in runs}
-    good = sorted((r for r in runs if ok[id(r)]), key=lambda r: r.fun)[:spread_of]
-    laws = [_law(r.x, mu_n, mu_d) for r in good]
+    methods = {"lbfgs": {"objective": float(best.fun), "seconds": time.perf_counter() - t0,
+                         "converged": ok[id(best)]}}
+    method = "lbfgs"
+    if use_vpnls if use_vpnls is not None else starts is None:
+        t0 = time.perf_counter()
+        vp, v = _vpnls(N, D, L, x_n, x_d, log_l, options)
+        methods["vpnls"] = {"objective": float(vp.fun), "seconds": time.perf_counter() - t0,
+                            "converged": _converged(vp), "vpnls_objective": v["objective"], "pairs": v["pairs"],
+                            "grid_edge": v["grid_edge"], "zero": v["zero"]}
+        if vp.fun < best.fun:
+            best, method = vp, "vpnls"
     out = _law(best.x, mu_n, mu_d)
-    out.update({"objective": float(best.fun), "converged": ok[id(best)], "message": str(best.message),
-                "n_starts": len(runs), "converged_starts": sum(ok.values()),
-                "spread_of_best": {k: float(max(l[k] for l in laws) - min(l[k] for l in laws)) if laws else None
-                                   for k in PARAMS}})
+    out.update({"objective": float(best.fun), "converged": methods[method]["converged"], "message": str(best.message),
+                "n_starts": len(runs), "converged_starts": sum(ok.values()), "method": method, "methods": methods,
+                "spread_of_best": _spread(runs, ok, mu_n, mu_d, spread_of)})
     out.update(asymptotic_exponents(out))
     return out
 
@@ -131,7 +168,8 @@ def asymptotic_exponents(p: dict) -> dict:
     G = (alpha A / (beta B))^(1/(alpha+beta)). Under an ``exact`` compute model this is the 6ND-equivalent
     law; the optimum there is `optimal_size` and its exponents `local_exponents`."""
     s = p["alpha"] + p["beta"]
-    if s <= 0 or p["alpha"] <= 0 or p["beta"] <= 0:
+    absent = min(p["A"], p["B"]) < 1e-250  # a term variable projection set to zero (vpnls.TINY, un-centred)
+    if s <= 0 or p["alpha"] <= 0 or p["beta"] <= 0 or absent:
         return {"a": None, "b": None, "G": None}
     g = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1 / s)
     return {"a": p["beta"] / s, "b": p["alpha"] / s, "G": g}

@@ -22,6 +22,7 @@ from ar_lm.scaling.fit import CI, fit_points, interval
 from ar_lm.scaling.isoflop import FRONTIER_PARAMS, compute_for_loss, frontier_loss
 from ar_lm.scaling.parametric import asymptotic_exponents, optimal_size, parametric_loss
 from ar_lm.scaling.points import Points
+from ar_lm.scaling.rollout import predict_laws, predict_optimum
 
 
 def _law3(result: dict) -> dict:
@@ -57,19 +58,42 @@ def predict_loss(result: dict, n: float, d: float, r: Optional[np.ndarray] = Non
     return {"predicted_loss": float(parametric_loss(p3, n, d)), "interval": _band(log_b, r)}
 
 
+def _by_laws(result: dict, rows: list[dict]) -> list[dict]:
+    """The selected law form's prediction and interval for every row, and each form's prediction (`forms`)."""
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    per = predict_laws(result, col("N"), col("D"), col("C"))
+    chosen = per["forms"][per["selected"]]
+    return [{"predicted_loss": chosen["predicted_loss"][i], "interval": chosen["interval"][i], "law": per["selected"],
+             "forms": {n: v["predicted_loss"][i] for n, v in per["forms"].items()}} for i in range(len(rows))]
+
+
 def predict_rows(result: dict, rows: list[dict]) -> list[dict]:
-    """`rows` ({N, D, C, loss}) with predicted_loss, interval and relative_error, in order."""
-    r = residuals(result)
+    """`rows` ({N, D, C, loss}) with predicted_loss, interval and relative_error, in order: by the selected law
+    form where the fit has forms (`rollout.fit_laws`), else by approach 3."""
+    if (result.get("laws") or {}).get("selected") and rows:
+        preds = _by_laws(result, rows)
+    else:
+        r = residuals(result)
+        preds = [predict_loss(result, row["N"], row["D"], r) for row in rows]
     out = []
-    for row in rows:
-        pred = predict_loss(result, row["N"], row["D"], r)
+    for row, pred in zip(rows, preds):
         err = (pred["predicted_loss"] - row["loss"]) / row["loss"] if row.get("loss") else None
         out.append({**row, **pred, "relative_error": err})
     return out
 
 
 def predict_compute(result: dict, c: float) -> dict:
-    """Compute-optimal N, D and loss at compute C under the fit's compute model, with intervals."""
+    """Compute-optimal N, D and loss at compute C under the fit's compute model, with intervals: N and D
+    by approach 3 (or the selected law form's optimum where approach 3 has none), the loss by the selected law
+    form where the fit has forms."""
+    laws = result.get("laws") or {}
+    if laws.get("selected") and (laws["selected"] != "chinchilla" or "approach3" not in result):
+        fitted = laws["forms"][laws["selected"]]
+        opt = predict_optimum(fitted, ComputeModel.from_json(result["compute"]), c, fitted["inflation"])
+        base = predict_compute({**result, "laws": None}, c) if "approach3" in result else {
+            "N_opt": opt["N_opt"], "D_opt": opt["D_opt"], "N_interval": None, "D_interval": None}
+        return {**base, "C": c, "predicted_loss": opt["predicted_loss"], "interval": opt["interval"],
+                "law": laws["selected"]}
     p3 = _law3(result)
     compute = ComputeModel.from_json(result["compute"])
     require(p3.get("a") is not None, "the fitted law has a zero exponent: it has no compute-optimal frontier")

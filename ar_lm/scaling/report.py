@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ar_lm.errors import require
+from ar_lm.scaling import tasklaw
 from ar_lm.io import atomic_write_json
 from ar_lm.scaling.compute import ComputeModel
 from ar_lm.scaling.diagnose import excluded_line
@@ -16,16 +17,19 @@ from ar_lm.scaling.fit import fit_points, with_attention
 from ar_lm.scaling.plots import plot_fit
 from ar_lm.scaling.plots_compare import plot_frontiers
 from ar_lm.scaling.points import Points, points_from_csv, points_from_sweep, without_repeated_data
+from ar_lm.scaling.curves import check_sweep_curves, format_curves
+from ar_lm.scaling.forms import DEFAULT_FORMS, parse_forms
 from ar_lm.scaling.predict import compute_multiplier, fit_compared, parse_nd, predict_compute, predict_rows
+from ar_lm.scaling.rollout import format_laws
 from ar_lm.scaling.sweep_data import check_same_scoring
 
 
 def write_fit(pts: Points, out: Path, n_boot: int = 100, approaches=(1, 2, 3), full_grid: bool = False,
-              include_repeated: bool = False, top: int = 64) -> dict:
-    """Fit `pts` (without the points that repeat their data unless `include_repeated`), write OUT/fit.json and
-    the plots; returns the fit."""
+              include_repeated: bool = False, top: int = 64, forms=DEFAULT_FORMS) -> dict:
+    """Fit `pts` (without the points that repeat their data unless `include_repeated`) with the law `forms`
+    chosen by rollout, write OUT/fit.json and the plots; returns the fit."""
     pts, repeated = (pts, []) if include_repeated else without_repeated_data(pts)
-    result = fit_points(pts, n_boot=n_boot, approaches=approaches, full_grid=full_grid, top=top)
+    result = fit_points(pts, n_boot=n_boot, approaches=approaches, full_grid=full_grid, top=top, forms=forms)
     result |= {"stale_runs": list(pts.stale), "repeated_excluded": repeated}
     atomic_write_json(Path(out) / "fit.json", result)
     plot_fit(result, Path(out), pts)
@@ -110,6 +114,7 @@ def format_report(result: dict) -> str:
             verdict = "above" if p3["E_minus_floor"] >= 0 else "BELOW"
             lines.append(f"[fit] entropy-rate floor {p3['floor']:.4f} nats: E is {verdict} it by {p3['E_minus_floor']:+.4f}")
     lines += _tokens_line(result)
+    lines += format_laws(result["laws"]) if result.get("laws") else []
     lines += [f"[fit] WARNING: {w}" for w in result.get("warnings") or []]
     if result.get("repeated_excluded"):
         rep = result["repeated_excluded"]
@@ -160,6 +165,20 @@ def _compare(args, out: Path) -> int:
     return 0
 
 
+def _extras(args, result: dict, out: Path, nd: list) -> None:
+    """--task: downstream-task laws (`tasklaw.py`) with their predictions at --predict's N:D; --curves: the
+    multi-power law of each size's loss curves (`curves.py`, OUT/curves.json)."""
+    for metric in args.task or []:
+        fit = tasklaw.fit_sweep_task(args.sweep_dir or args.points, metric, args.task_loss, n_boot=args.bootstrap)
+        preds = [tasklaw.predict_accuracy(fit, n, d) for n, d in nd]
+        result.setdefault("tasks", {})[fit["metric"]] = {**fit, "predictions": preds}
+        print(tasklaw.format_task_law(fit, fit["metric"], fit["task_loss"], preds))
+    if args.curves:
+        curves = check_sweep_curves(args.sweep_dir)
+        atomic_write_json(out / "curves.json", curves)
+        print(format_curves(curves))
+
+
 def fit_command(args) -> int:
     """`ar-lm fit SWEEP_DIR | --points CSV | --compare A B [options]` (see the parser's help)."""
     require(args.bootstrap >= 0, f"--bootstrap must be >= 0, got {args.bootstrap}")
@@ -186,10 +205,14 @@ def fit_command(args) -> int:
         require(not args.approach and not (test or nd or args.predict_compute),
                 f"approach 3 fits 5 parameters and needs at least 5 points, got {len(pts.N)}")
     out = Path(args.out or (Path(args.sweep_dir) / "fit" if args.sweep_dir else Path(args.points).with_suffix("")))
+    require(not args.curves or args.sweep_dir, "--curves fits the loss curves of a sweep's runs: give a SWEEP_DIR")
+    require(not args.task or args.sweep_dir, "--task fits columns of a sweep's summary.csv: give a SWEEP_DIR")
+    forms = tuple(f.name for f in parse_forms(args.forms))
     result = fit_points(pts, n_boot=args.bootstrap, approaches=approaches, full_grid=args.full_grid,
-                        attention=args.attention_flops)
+                        attention=args.attention_flops, forms=forms, select=args.select)
     result |= {"stale_runs": list(pts.stale), "repeated_excluded": repeated}
     print(format_report(result))
+    _extras(args, result, out, nd)
     if test:
         result["test"] = predict_rows(result, test)
         print(format_predictions(result["test"]))
