@@ -21,7 +21,6 @@ median, and a run's final train loss is the mean of its last `LAST_K` logged one
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -166,24 +165,14 @@ def fit_mpl(curves: Sequence[tuple], t_min: int = 0, delta: float = HUBER_DELTA,
     grid = [(a, c / s_ref, b, gm) for a in (0.15, 0.3, 0.5, 0.8) for c in (1.0, 3.0, 10.0, 100.0)
             for b in (0.3, 0.6, 1.2) for gm in (0.25, 0.6)]
     fun = lambda th: _objective(th, designs, delta, prior)  # noqa: E731
-    with _one_thread():
-        cands = [np.clip(_linear_start(n, designs), lo, hi) for n in grid]
-        cands.sort(key=lambda th: fun(th)[0])
-        best = min((minimize(fun, th0, jac=True, method="L-BFGS-B", bounds=bounds,
-                             options={"maxiter": 3000, "ftol": 1e-13, "gtol": 1e-9}) for th0 in cands[:starts]),
-                   key=lambda res: res.fun)
+    cands = [np.clip(_linear_start(n, designs), lo, hi) for n in grid]
+    cands.sort(key=lambda th: fun(th)[0])
+    best = min((minimize(fun, th0, jac=True, method="L-BFGS-B", bounds=bounds,
+                         options={"maxiter": 3000, "ftol": 1e-13, "gtol": 1e-9}) for th0 in cands[:starts]),
+               key=lambda res: res.fun)
     resid = np.concatenate([g.y - np.log(_terms(best.x, g)[0]) for g in designs])
     return {"params": _unscale(best.x, scale).to_dict(), "objective": float(best.fun),
             "rmse_log": float(np.sqrt(np.mean(resid**2))), "points": int(len(resid)), "converged": bool(best.success)}
-
-
-def _one_thread():
-    """BLAS on one thread while fitting (small matrices: threads only contend on a shared machine)."""
-    try:
-        from threadpoolctl import threadpool_limits  # scikit-learn's; absent: as many threads as BLAS likes
-        return threadpool_limits(1)
-    except ImportError:
-        return contextlib.nullcontext()
 
 
 def _unscale(th: np.ndarray, scale: float) -> MPLParams:
