@@ -26,13 +26,12 @@ import numpy as np
 from ar_lm.errors import require
 from ar_lm.scaling import diagnose
 from ar_lm.scaling.compute import ComputeModel, analytic
-from ar_lm.scaling.forms import get_form, resample
+from ar_lm.scaling.forms import CI, get_form, resample
 from ar_lm.scaling.isoflop import WINDOW, approach2, budget_minimum, power_law
 from ar_lm.scaling.parametric import PARAMS, fit_parametric, local_exponents, optimal_size
 from ar_lm.scaling.points import Points
 from ar_lm.scaling.rollout import fit_laws
 
-CI = (2.5, 97.5)
 
 
 def interval(samples) -> Optional[list[float]]:

@@ -29,7 +29,7 @@ from scipy import optimize, stats
 
 from ar_lm.errors import UserError, require
 from ar_lm.scaling.compute import ComputeModel
-from ar_lm.scaling.parametric import HUBER_DELTA, fit_parametric, parametric_loss
+from ar_lm.scaling.parametric import HUBER_DELTA, _huber, fit_parametric, parametric_loss
 
 CI = (2.5, 97.5)
 
@@ -73,10 +73,6 @@ def resample(rng, clusters: Sequence) -> np.ndarray:
     _, which = np.unique([str(c) for c in labels], return_inverse=True)
     members = [np.flatnonzero(which == k) for k in range(which.max() + 1)]
     return np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
-
-
-def _huber(r: np.ndarray) -> np.ndarray:
-    return np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
 
 
 def _lse(*terms):

@@ -30,10 +30,10 @@ import numpy as np
 from scipy import optimize, special
 
 from ar_lm.errors import UserError, require
+from ar_lm.scaling.downstream import PREFIX
 from ar_lm.scaling.fit import CI, bootstrap_stream, interval
 from ar_lm.scaling.parametric import PARAMS, fit_parametric, parametric_loss
 
-PREFIX = "lm_eval/"  # as `downstream.PREFIX` (summary.csv columns lm_eval/<task>/<metric>)
 SIGMOID = ("a", "L0", "k", "b")
 K_SPAN = 50.0  # |k| <= K_SPAN / (span of the observed loss): a step no sharper than a fiftieth of the data
 L0_SPANS = 3.0  # L0 within the observed loss range widened by 3 spans each side
